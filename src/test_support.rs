@@ -1,0 +1,56 @@
+//! Test bodies shared by the unit tests.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+
+/// A body that yields one given chunk per poll, with an exact size hint and `is_end_stream`
+/// true as soon as the last chunk is out (as hyper's bodies with Content-Length do).
+#[derive(Debug, Default)]
+pub(crate) struct ChunkedBody {
+    chunks: VecDeque<Bytes>,
+}
+
+impl ChunkedBody {
+    pub(crate) fn new<I, C>(chunks: I) -> Self
+    where
+        I: IntoIterator<Item = C>,
+        C: AsRef<[u8]>,
+    {
+        ChunkedBody {
+            chunks: chunks
+                .into_iter()
+                .map(|c| Bytes::copy_from_slice(c.as_ref()))
+                .collect(),
+        }
+    }
+}
+
+impl Body for ChunkedBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(
+            self.get_mut()
+                .chunks
+                .pop_front()
+                .map(|c| Ok(Frame::data(c))),
+        )
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.chunks.iter().map(|c| c.len() as u64).sum())
+    }
+}
