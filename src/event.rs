@@ -85,9 +85,7 @@ impl<'de> Deserialize<'de> for SpecVersion {
         if s == "1.0" {
             Ok(SpecVersion)
         } else {
-            Err(serde::de::Error::custom(format!(
-                "unsupported specversion {s:?}"
-            )))
+            Err(serde::de::Error::custom(format!("unsupported specversion {s:?}")))
         }
     }
 }
@@ -100,8 +98,7 @@ mod tests {
     fn serializes_exactly_the_openmeter_fields() {
         let mut data = Map::new();
         data.insert("tokens".into(), 7.into());
-        let mut event =
-            CloudEvent::new("a/output", "gw", "prompt", Subject::new("c").unwrap(), data);
+        let mut event = CloudEvent::new("a/output", "gw", "prompt", Subject::new("c").unwrap(), data);
         event.time = "2026-01-02T03:04:05.006Z".into();
         assert_eq!(
             serde_json::to_string(&event).unwrap(),
@@ -111,7 +108,8 @@ mod tests {
 
     #[test]
     fn rejects_bad_subject_and_specversion_on_read() {
-        let ok = r#"{"specversion":"1.0","id":"a","source":"s","type":"t","subject":"c","time":"x","data":{}}"#;
+        let ok =
+            r#"{"specversion":"1.0","id":"a","source":"s","type":"t","subject":"c","time":"x","data":{}}"#;
         assert!(serde_json::from_str::<CloudEvent>(ok).is_ok());
         for bad in [
             ok.replace(r#""subject":"c""#, r#""subject":["c"]"#),

@@ -1,11 +1,43 @@
 //! Meter LLM token usage at the HTTP layer and bill it through [OpenMeter](https://openmeter.io).
+//!
+//! [`MeteringLayer`] wraps any tower HTTP service that serves OpenAI-compatible APIs (chat
+//! completions, completions, embeddings, the Responses API) or Anthropic's Messages API. For
+//! each metered request it reads the `usage` block of the response as the bytes stream past,
+//! partitions the tokens into disjoint types (input, cache read, cache write, output), and hands
+//! [`CloudEvent`]s keyed on a customer [`Subject`] to an [`EventSink`].
+//!
+//! Metering never changes a response and never fails a request: every frame is forwarded at
+//! once and unchanged, and anything the layer cannot meter is passed through and counted in
+//! [`MeteringStats`].
+//!
+//! ```no_run
+//! use axum::{Router, routing::post};
+//! use tower_openmeter::{MeteringLayer, StdoutSink, Subject};
+//!
+//! # async fn chat() -> &'static str { "" }
+//! let app: Router = Router::new()
+//!     .route("/v1/chat/completions", post(chat))
+//!     .layer(
+//!         MeteringLayer::builder()
+//!             .sink(StdoutSink::new())
+//!             .source("my-gateway")
+//!             .subject(Subject::header("x-customer").or_body_user())
+//!             .build(),
+//!     );
+//! ```
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod body;
 mod event;
+mod future;
+mod inspect;
+mod layer;
+mod meter;
 mod record;
 mod request;
+mod service;
 mod stats;
 mod subject;
 mod usage;
@@ -15,9 +47,13 @@ pub mod sink;
 #[cfg(test)]
 mod test_support;
 
+pub use body::MeteredBody;
 pub use event::{CloudEvent, SpecVersion, rfc3339_millis};
+pub use future::ResponseFuture;
+pub use layer::{MeteringLayer, MeteringLayerBuilder};
 pub use record::{EventShape, UsageRecord, UsageSource};
 pub use request::{RequestBody, RequestFields, UserField};
+pub use service::Metering;
 pub use sink::{EventSink, MemorySink, StdoutSink};
 pub use stats::{MeteringStats, StatsSnapshot};
 pub use subject::{MissingSubject, Subject, SubjectChain};

@@ -71,12 +71,7 @@ impl UsageRecord {
             .filter(|&ty| self.usage.tokens(ty) > 0)
             .map(|ty| {
                 let data = self.token_data(ty, self.usage.tokens(ty));
-                self.event(
-                    format!("{}/{}", self.id, ty.as_str()),
-                    source,
-                    event_type,
-                    data,
-                )
+                self.event(format!("{}/{}", self.id, ty.as_str()), source, event_type, data)
             })
             .collect()
     }
@@ -132,13 +127,7 @@ impl UsageRecord {
     }
 
     /// Labels never override the fields the meters rely on.
-    fn event(
-        &self,
-        id: String,
-        source: &str,
-        event_type: &str,
-        mut data: Map<String, Value>,
-    ) -> CloudEvent {
+    fn event(&self, id: String, source: &str, event_type: &str, mut data: Map<String, Value>) -> CloudEvent {
         for (key, value) in &self.labels {
             if !data.contains_key(key) && !value.is_null() {
                 data.insert(key.clone(), value.clone());
@@ -187,12 +176,7 @@ impl EventShape {
         EventShape::Custom(Arc::new(f))
     }
 
-    pub(crate) fn events(
-        &self,
-        record: &UsageRecord,
-        source: &str,
-        event_type: &str,
-    ) -> Vec<CloudEvent> {
+    pub(crate) fn events(&self, record: &UsageRecord, source: &str, event_type: &str) -> Vec<CloudEvent> {
         match self {
             EventShape::PerTokenType => record.per_token_type_events(source, event_type),
             EventShape::PerRequest => vec![record.per_request_event(source, event_type)],

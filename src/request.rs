@@ -21,7 +21,7 @@ pub enum UserField {
     String(String),
     /// A JSON number, as its decimal text.
     Number(String),
-    /// `null`, a boolean, an array or an object: never a subject.
+    /// A boolean, an array or an object: never a subject. (`null` reads as no `user`.)
     Other,
 }
 
@@ -138,10 +138,7 @@ impl<B: Body> RequestBody<B> {
 
 /// Reads a body up to `cap` bytes. Returns the body to forward (always the complete original
 /// bytes, in order), the buffered bytes when the body was complete, and how the read went.
-pub(crate) async fn read_capped<B>(
-    mut body: B,
-    cap: usize,
-) -> (RequestBody<B>, Option<Bytes>, BodyRead)
+pub(crate) async fn read_capped<B>(mut body: B, cap: usize) -> (RequestBody<B>, Option<Bytes>, BodyRead)
 where
     B: Body<Data = Bytes> + Unpin,
 {
@@ -156,11 +153,7 @@ where
                     len = len.saturating_add(data.len());
                     chunks.push_back(data);
                     if len > cap {
-                        return (
-                            RequestBody::replay(chunks, Some(body)),
-                            None,
-                            BodyRead::OverCap,
-                        );
+                        return (RequestBody::replay(chunks, Some(body)), None, BodyRead::OverCap);
                     }
                 }
                 Err(frame) => trailers = frame.into_trailers().ok(),
@@ -233,10 +226,11 @@ where
             .as_ref()
             .map(Body::size_hint)
             .unwrap_or_else(|| SizeHint::with_exact(0));
-        hint.set_lower(hint.lower().saturating_add(self.prefix_len));
+        // Upper first: set_lower asserts lower <= upper.
         if let Some(upper) = hint.upper() {
             hint.set_upper(upper.saturating_add(self.prefix_len));
         }
+        hint.set_lower(hint.lower().saturating_add(self.prefix_len));
         hint
     }
 }
@@ -253,22 +247,21 @@ impl<B: Body + std::fmt::Debug> std::fmt::Debug for RequestBody<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::ChunkedBody;
     use http_body_util::Full;
 
     #[test]
     fn reads_fields_of_every_user_kind() {
-        let f = RequestFields::from_json(br#"{"model":"gpt-4o","user":"u-1","stream":true,"stream_options":{"include_usage":true}}"#).unwrap();
+        let f = RequestFields::from_json(
+            br#"{"model":"gpt-4o","user":"u-1","stream":true,"stream_options":{"include_usage":true}}"#,
+        )
+        .unwrap();
         assert_eq!(f.user, Some(UserField::String("u-1".into())));
         assert_eq!(f.model.as_deref(), Some("gpt-4o"));
         assert!(f.stream && f.include_usage);
         let f = RequestFields::from_json(br#"{"user":12345678901234567890}"#).unwrap();
-        assert_eq!(
-            f.user,
-            Some(UserField::Number("12345678901234567890".into()))
-        );
+        assert_eq!(f.user, Some(UserField::Number("12345678901234567890".into())));
+        assert_eq!(RequestFields::from_json(br#"{"user":null}"#).unwrap().user, None);
         for other in [
-            r#"{"user":null}"#,
             r#"{"user":["a"]}"#,
             r#"{"user":{"id":1}}"#,
             r#"{"user":true}"#,
@@ -285,8 +278,7 @@ mod tests {
 
     #[tokio::test]
     async fn complete_body_is_replayed_byte_identical() {
-        let (body, bytes, read) =
-            read_capped(Full::new(Bytes::from_static(b"{\"a\":1}")), 1024).await;
+        let (body, bytes, read) = read_capped(Full::new(Bytes::from_static(b"{\"a\":1}")), 1024).await;
         assert_eq!(read, BodyRead::Complete);
         assert_eq!(bytes.unwrap(), &b"{\"a\":1}"[..]);
         assert_eq!(body.size_hint().exact(), Some(7));

@@ -122,8 +122,7 @@ impl Serialize for Subject {
 impl<'de> Deserialize<'de> for Subject {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
-        Subject::new(&*s)
-            .ok_or_else(|| serde::de::Error::custom("subject must be a non-empty string"))
+        Subject::new(&*s).ok_or_else(|| serde::de::Error::custom("subject must be a non-empty string"))
     }
 }
 
@@ -169,10 +168,8 @@ impl SubjectChain {
         T: AsRef<str> + Send + Sync + 'static,
     {
         let read = |ext: &http::Extensions| ext.get::<T>().map(|v| v.as_ref().to_owned());
-        self.sources.push(Source::Extension(
-            Arc::new(read),
-            std::any::type_name::<T>(),
-        ));
+        self.sources
+            .push(Source::Extension(Arc::new(read), std::any::type_name::<T>()));
         self
     }
 
@@ -183,8 +180,7 @@ impl SubjectChain {
     ///
     /// When `name` is not a valid header name.
     pub fn or_header(mut self, name: &str) -> Self {
-        let name =
-            http::HeaderName::try_from(name).expect("SubjectChain::or_header: invalid header name");
+        let name = http::HeaderName::try_from(name).expect("SubjectChain::or_header: invalid header name");
         self.sources.push(Source::Header(name));
         self
     }
@@ -205,22 +201,10 @@ impl SubjectChain {
     }
 
     /// Tries each source in order; `None` when none yields a usable subject.
-    pub fn resolve(
-        &self,
-        parts: &Parts,
-        fields: &RequestFields,
-        max_len: usize,
-    ) -> Option<Subject> {
+    pub fn resolve(&self, parts: &Parts, fields: &RequestFields, max_len: usize) -> Option<Subject> {
         self.sources
             .iter()
             .find_map(|source| usable(source_value(source, parts, fields)?, max_len))
-    }
-
-    /// Whether any source reads the request body.
-    pub(crate) fn reads_body(&self) -> bool {
-        self.sources
-            .iter()
-            .any(|s| matches!(s, Source::BodyUser | Source::Fn(_)))
     }
 }
 

@@ -38,12 +38,7 @@ impl Body for ChunkedBody {
         self: Pin<&mut Self>,
         _: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        Poll::Ready(
-            self.get_mut()
-                .chunks
-                .pop_front()
-                .map(|c| Ok(Frame::data(c))),
-        )
+        Poll::Ready(self.get_mut().chunks.pop_front().map(|c| Ok(Frame::data(c))))
     }
 
     fn is_end_stream(&self) -> bool {

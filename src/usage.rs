@@ -87,9 +87,7 @@ impl Api {
     /// ```
     pub fn from_path(path: &str) -> Option<Api> {
         let path = path.strip_suffix('/').unwrap_or(path);
-        Api::ALL
-            .into_iter()
-            .find(|api| path.ends_with(api.path_suffix()))
+        Api::ALL.into_iter().find(|api| path.ends_with(api.path_suffix()))
     }
 }
 
@@ -270,10 +268,7 @@ pub(crate) struct ResponseSummary {
 }
 
 /// Reads `model`, `id` and `usage` from a JSON response body, skipping everything else.
-pub(crate) fn parse_json_response(
-    api: Api,
-    body: &[u8],
-) -> Result<ResponseSummary, serde_json::Error> {
+pub(crate) fn parse_json_response(api: Api, body: &[u8]) -> Result<ResponseSummary, serde_json::Error> {
     #[derive(Deserialize)]
     struct Top {
         model: Option<Value>,
@@ -362,10 +357,7 @@ mod tests {
              "usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}"#,
         );
         let u = s.usage.unwrap();
-        assert_eq!(
-            (u.input, u.cache_read, u.output, u.reasoning),
-            (5, 0, 7, None)
-        );
+        assert_eq!((u.input, u.cache_read, u.output, u.reasoning), (5, 0, 7, None));
     }
 
     #[test]
@@ -423,10 +415,7 @@ mod tests {
             parse(Api::ChatCompletions, r#"{"model":"m","usage":null}"#).usage,
             None
         );
-        assert_eq!(
-            parse(Api::ChatCompletions, r#"{"usage":"lots"}"#).anomalies,
-            1
-        );
+        assert_eq!(parse(Api::ChatCompletions, r#"{"usage":"lots"}"#).anomalies, 1);
     }
 
     #[test]
@@ -440,8 +429,7 @@ mod tests {
         let (u, anomalies) = Usage::from_api_json(Api::ChatCompletions, &raw);
         assert_eq!(u, Usage::default());
         assert_eq!(anomalies, 4);
-        let huge: Value =
-            serde_json::from_str(r#"{"input_tokens": 99999999999999999999999}"#).unwrap();
+        let huge: Value = serde_json::from_str(r#"{"input_tokens": 99999999999999999999999}"#).unwrap();
         let (u, anomalies) = Usage::from_api_json(Api::Messages, &huge);
         assert_eq!((u.input, anomalies), (0, 1));
     }

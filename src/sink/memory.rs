@@ -50,11 +50,7 @@ impl MemorySink {
 
     /// Waits until at least `n` events have arrived, then returns a copy of all of them; on
     /// timeout returns what arrived in `Err`.
-    pub async fn wait_for(
-        &self,
-        n: usize,
-        timeout: Duration,
-    ) -> Result<Vec<CloudEvent>, Vec<CloudEvent>> {
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> Result<Vec<CloudEvent>, Vec<CloudEvent>> {
         let wait = async {
             loop {
                 let notified = self.shared.changed.notified();
@@ -74,10 +70,7 @@ impl MemorySink {
 
     fn lock(&self) -> MutexGuard<'_, Vec<CloudEvent>> {
         // A panic elsewhere while holding the lock leaves the Vec valid; keep serving it.
-        self.shared
-            .events
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.shared.events.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 

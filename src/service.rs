@@ -1,0 +1,151 @@
+//! [`Metering`]: the service that reads each LLM request and meters its response.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::{Method, Request, Response, request};
+use http_body::Body;
+use tower::Service;
+
+use crate::layer::Config;
+use crate::meter::Meter;
+use crate::request::{BodyRead, read_capped};
+use crate::{Api, MeteredBody, RequestBody, RequestFields, ResponseFuture};
+
+/// Meters the LLM requests that pass through it; made by [`MeteringLayer`](crate::MeteringLayer).
+///
+/// POST requests with a JSON body on an API path are read (up to a cap) and their responses
+/// metered; every other request goes to the inner service untouched, without buffering or
+/// allocation. The inner service receives a [`RequestBody`] that yields exactly the bytes the
+/// client sent.
+#[derive(Clone, Debug)]
+pub struct Metering<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl<S> Metering<S> {
+    pub(crate) fn from_config(inner: S, config: Arc<Config>) -> Self {
+        Metering { inner, config }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    /// The API a request is for, when it is one the layer meters.
+    fn metered_api<B>(&self, request: &Request<B>) -> Option<Api> {
+        if request.method() != Method::POST {
+            return None;
+        }
+        let api = self.config.api_for_path(request.uri().path())?;
+        let json = request
+            .headers()
+            .get(CONTENT_TYPE)
+            .is_none_or(|v| is_json_request(v.as_bytes()));
+        if !json {
+            self.config.stats.incr(|c| &c.skipped_not_json);
+            return None;
+        }
+        Some(api)
+    }
+}
+
+fn is_json_request(content_type: &[u8]) -> bool {
+    let media = content_type
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
+    media.eq_ignore_ascii_case(b"application/json") || media.ends_with(b"+json")
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Metering<S>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    ReqBody: Body<Data = Bytes> + Send + Unpin + 'static,
+    ReqBody::Error: Send,
+    ResBody: Body<Data = Bytes>,
+{
+    type Response = Response<MeteredBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        self.config.stats.incr(|c| &c.requests_seen);
+        let Some(api) = self.metered_api(&request) else {
+            self.config.stats.incr(|c| &c.skipped_not_api);
+            return ResponseFuture::passthrough(self.inner.call(request.map(RequestBody::passthrough)));
+        };
+        // The ready service goes into the future; this one keeps a fresh clone.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let config = self.config.clone();
+        let started = SystemTime::now();
+        ResponseFuture::prepare(Box::pin(async move {
+            let (head, body) = request.into_parts();
+            let (body, fields) = read_request(&config, &head, body).await;
+            let subject = config.subject.resolve(&head, &fields, config.max_subject_len);
+            let labels = config.data_fields.as_ref().map(|f| f(&head)).unwrap_or_default();
+            let meter = Meter::new(config, api, subject, fields, started, labels);
+            (inner.call(Request::from_parts(head, body)), meter)
+        }))
+    }
+}
+
+/// Reads the request body within the cap and the fields metering needs from it. The body
+/// returned yields the original bytes whatever happened.
+async fn read_request<B>(config: &Config, head: &request::Parts, body: B) -> (RequestBody<B>, RequestFields)
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    let stats = &config.stats;
+    let declared = head
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > config.max_request_body as u64) {
+        stats.incr(|c| &c.request_over_cap);
+        tracing::debug!(?declared, "request body over the cap: fields not read");
+        return (RequestBody::passthrough(body), RequestFields::default());
+    }
+    let (body, bytes, read) = read_capped(body, config.max_request_body).await;
+    let fields = match (read, bytes) {
+        (BodyRead::Complete, Some(bytes)) => RequestFields::from_json(&bytes).unwrap_or_else(|error| {
+            stats.incr(|c| &c.request_invalid_json);
+            tracing::debug!(%error, "request body is not a JSON object: fields not read");
+            RequestFields::default()
+        }),
+        (BodyRead::OverCap, _) => {
+            stats.incr(|c| &c.request_over_cap);
+            tracing::debug!("request body over the cap: fields not read");
+            RequestFields::default()
+        }
+        _ => {
+            stats.incr(|c| &c.request_body_error);
+            RequestFields::default()
+        }
+    };
+    (body, fields)
+}
