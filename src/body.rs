@@ -105,7 +105,7 @@ impl MeterGuard {
 
     fn finish(&mut self, ended: Ended) {
         if let Some(meter) = self.0.take() {
-            meter.finish(ended);
+            (*meter).finish(ended);
         }
     }
 }

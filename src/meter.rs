@@ -204,8 +204,8 @@ impl ActiveMeter {
         self.inspector.observe(data);
     }
 
-    pub(crate) fn finish(self: Box<Self>, ended: Ended) {
-        let ActiveMeter { meter, inspector } = *self;
+    pub(crate) fn finish(self, ended: Ended) {
+        let ActiveMeter { meter, inspector } = self;
         let inspection = inspector.finish(meter.api, &meter.config);
         meter.conclude(inspection, ended);
     }

@@ -261,11 +261,7 @@ mod tests {
         let f = RequestFields::from_json(br#"{"user":12345678901234567890}"#).unwrap();
         assert_eq!(f.user, Some(UserField::Number("12345678901234567890".into())));
         assert_eq!(RequestFields::from_json(br#"{"user":null}"#).unwrap().user, None);
-        for other in [
-            r#"{"user":["a"]}"#,
-            r#"{"user":{"id":1}}"#,
-            r#"{"user":true}"#,
-        ] {
+        for other in [r#"{"user":["a"]}"#, r#"{"user":{"id":1}}"#, r#"{"user":true}"#] {
             assert_eq!(
                 RequestFields::from_json(other.as_bytes()).unwrap().user,
                 Some(UserField::Other),

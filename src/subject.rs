@@ -126,14 +126,12 @@ impl<'de> Deserialize<'de> for Subject {
     }
 }
 
+type ReadExtensionFn = dyn Fn(&http::Extensions) -> Option<String> + Send + Sync;
 type ExtractFn = dyn Fn(&Parts, &RequestFields) -> Option<String> + Send + Sync;
 
 #[derive(Clone)]
 enum Source {
-    Extension(
-        Arc<dyn Fn(&http::Extensions) -> Option<String> + Send + Sync>,
-        &'static str,
-    ),
+    Extension(Arc<ReadExtensionFn>, &'static str),
     Header(http::HeaderName),
     BodyUser,
     Fn(Arc<ExtractFn>),
