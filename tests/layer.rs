@@ -1,0 +1,527 @@
+//! The metering layer end to end: a real axum app on 127.0.0.1 behind the layer, requests from a
+//! real HTTP client, and the exact CloudEvents that reach the sink.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+use tower_openmeter::{CloudEvent, MemorySink, MeteringLayer, MissingSubject, Subject};
+
+const CHAT: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1730000000,"model":"gpt-4o-2024-08-06","choices":[{"index":0,"message":{"role":"assistant","content":"Hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":120,"completion_tokens":40,"total_tokens":160,"prompt_tokens_details":{"cached_tokens":64,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":16,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}}"#;
+const COMPLETION: &str = r#"{"id":"cmpl-1","object":"text_completion","created":1730000000,"model":"gpt-3.5-turbo-instruct","choices":[{"text":"ok","index":0,"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}"#;
+const EMBEDDINGS: &str = r#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.0023,-0.0091]}],"model":"text-embedding-3-small","usage":{"prompt_tokens":8,"total_tokens":8}}"#;
+const RESPONSES: &str = r#"{"id":"resp_1","object":"response","created_at":1730000000,"status":"completed","model":"gpt-4.1","output":[],"usage":{"input_tokens":300,"input_tokens_details":{"cached_tokens":128},"output_tokens":50,"output_tokens_details":{"reasoning_tokens":20},"total_tokens":350}}"#;
+const MESSAGES: &str = r#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[{"type":"text","text":"Hi"}],"stop_reason":"end_turn","usage":{"input_tokens":20,"cache_creation_input_tokens":1500,"cache_read_input_tokens":4000,"output_tokens":90}}"#;
+
+/// What the upstream handler received, to prove the inner service gets the client's bytes.
+#[derive(Clone, Default)]
+struct Received(Arc<Mutex<Vec<Bytes>>>);
+
+impl Received {
+    fn all(&self) -> Vec<Bytes> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+fn json_response(body: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// An upstream that answers each API with a recorded-style body, split into 7-byte frames with
+/// an exact Content-Length, so hyper stops polling at `is_end_stream`.
+fn upstream(received: Received) -> Router {
+    let route = move |body: &'static str| {
+        let received = received.clone();
+        post(move |request: Request| async move {
+            let bytes = request.into_body().collect().await.unwrap().to_bytes();
+            received.0.lock().unwrap().push(bytes);
+            let mut response = Response::new(Body::new(Chunked::new(body.as_bytes(), 7)));
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+            response
+        })
+    };
+    Router::new()
+        .route("/v1/chat/completions", route(CHAT))
+        .route("/v1/completions", route(COMPLETION))
+        .route("/v1/embeddings", route(EMBEDDINGS))
+        .route("/v1/responses", route(RESPONSES))
+        .route("/v1/messages", route(MESSAGES))
+        .route("/openai/deployments/x/chat/completions", route(CHAT))
+        .route("/v1/models", get(|| async { json_response(r#"{"data":[]}"#) }))
+        .route(
+            "/v2/chat/completions",
+            post(|| async { (StatusCode::TOO_MANY_REQUESTS, json_response(CHAT)) }),
+        )
+}
+
+/// A body of many small frames with an exact size hint.
+struct Chunked(VecDeque<Bytes>);
+
+impl Chunked {
+    fn new(bytes: &[u8], frame: usize) -> Self {
+        Chunked(bytes.chunks(frame).map(Bytes::copy_from_slice).collect())
+    }
+}
+
+impl http_body::Body for Chunked {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(self.get_mut().0.pop_front().map(|b| Ok(Frame::data(b))))
+    }
+    fn is_end_stream(&self) -> bool {
+        self.0.is_empty()
+    }
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.0.iter().map(|b| b.len() as u64).sum())
+    }
+}
+
+async fn serve(app: Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+async fn post_json(base: &str, path: &str, body: &str) -> (StatusCode, HeaderMap, Bytes) {
+    let response = client()
+        .post(format!("{base}{path}"))
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    let status = StatusCode::from_u16(response.status().as_u16()).unwrap();
+    let headers = response.headers().clone();
+    (status, headers, response.bytes().await.unwrap())
+}
+
+/// The event as JSON with the generated parts checked and replaced by placeholders.
+fn normalized(event: &CloudEvent) -> Value {
+    let mut value = serde_json::to_value(event).unwrap();
+    let id = value["id"].as_str().unwrap().to_owned();
+    let (record, kind) = id.split_once('/').unwrap();
+    assert!(uuid::Uuid::parse_str(record).is_ok(), "record id is a UUID: {id}");
+    value["id"] = format!("<uuid>/{kind}").into();
+    let time = value["time"].as_str().unwrap();
+    assert!(
+        humantime::parse_rfc3339(time).is_ok() && time.ends_with('Z') && time.len() == 24,
+        "{time}"
+    );
+    value["time"] = "<time>".into();
+    value
+}
+
+fn expected(kind: &str, subject: &str, data: Value) -> Value {
+    json!({"specversion":"1.0","id":format!("<uuid>/{kind}"),"source":"test-gateway","type":"prompt",
+           "subject":subject,"time":"<time>","data":data})
+}
+
+#[tokio::test]
+async fn every_api_produces_the_exact_events_and_the_client_gets_the_upstream_bytes() {
+    let sink = MemorySink::new();
+    let layer = MeteringLayer::builder()
+        .sink(sink.clone())
+        .source("test-gateway")
+        .build();
+    let stats = layer.stats();
+    let base = serve(upstream(Received::default()).layer(layer)).await;
+
+    let cases: [(&str, &str, Vec<Value>); 5] = [
+        (
+            "/v1/chat/completions",
+            CHAT,
+            vec![
+                expected(
+                    "input",
+                    "customer-1",
+                    json!({"tokens":56,"type":"input","model":"gpt-4o-2024-08-06","provider":"openai","api":"chat.completions","audio_tokens":0}),
+                ),
+                expected(
+                    "cache_read",
+                    "customer-1",
+                    json!({"tokens":64,"type":"cache_read","model":"gpt-4o-2024-08-06","provider":"openai","api":"chat.completions"}),
+                ),
+                expected(
+                    "output",
+                    "customer-1",
+                    json!({"tokens":40,"type":"output","model":"gpt-4o-2024-08-06","provider":"openai","api":"chat.completions","reasoning_tokens":16,"audio_tokens":0}),
+                ),
+            ],
+        ),
+        (
+            "/v1/completions",
+            COMPLETION,
+            vec![
+                expected(
+                    "input",
+                    "customer-1",
+                    json!({"tokens":5,"type":"input","model":"gpt-3.5-turbo-instruct","provider":"openai","api":"completions"}),
+                ),
+                expected(
+                    "output",
+                    "customer-1",
+                    json!({"tokens":7,"type":"output","model":"gpt-3.5-turbo-instruct","provider":"openai","api":"completions"}),
+                ),
+            ],
+        ),
+        (
+            "/v1/embeddings",
+            EMBEDDINGS,
+            vec![expected(
+                "input",
+                "customer-1",
+                json!({"tokens":8,"type":"input","model":"text-embedding-3-small","provider":"openai","api":"embeddings"}),
+            )],
+        ),
+        (
+            "/v1/responses",
+            RESPONSES,
+            vec![
+                expected(
+                    "input",
+                    "customer-1",
+                    json!({"tokens":172,"type":"input","model":"gpt-4.1","provider":"openai","api":"responses"}),
+                ),
+                expected(
+                    "cache_read",
+                    "customer-1",
+                    json!({"tokens":128,"type":"cache_read","model":"gpt-4.1","provider":"openai","api":"responses"}),
+                ),
+                expected(
+                    "output",
+                    "customer-1",
+                    json!({"tokens":50,"type":"output","model":"gpt-4.1","provider":"openai","api":"responses","reasoning_tokens":20}),
+                ),
+            ],
+        ),
+        (
+            "/v1/messages",
+            MESSAGES,
+            vec![
+                expected(
+                    "input",
+                    "customer-1",
+                    json!({"tokens":20,"type":"input","model":"claude-sonnet-4-5","provider":"anthropic","api":"messages"}),
+                ),
+                expected(
+                    "cache_read",
+                    "customer-1",
+                    json!({"tokens":4000,"type":"cache_read","model":"claude-sonnet-4-5","provider":"anthropic","api":"messages"}),
+                ),
+                expected(
+                    "cache_write",
+                    "customer-1",
+                    json!({"tokens":1500,"type":"cache_write","model":"claude-sonnet-4-5","provider":"anthropic","api":"messages"}),
+                ),
+                expected(
+                    "output",
+                    "customer-1",
+                    json!({"tokens":90,"type":"output","model":"claude-sonnet-4-5","provider":"anthropic","api":"messages"}),
+                ),
+            ],
+        ),
+    ];
+    for (path, upstream_body, want) in cases {
+        let (status, headers, body) = post_json(&base, path, r#"{"model":"m","user":"customer-1"}"#).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, upstream_body.as_bytes(), "{path}: client bytes");
+        assert_eq!(
+            headers[header::CONTENT_LENGTH],
+            upstream_body.len().to_string().as_str()
+        );
+        let events = sink.wait_for(want.len(), Duration::from_secs(5)).await.unwrap();
+        assert_eq!(events.iter().map(normalized).collect::<Vec<_>>(), want, "{path}");
+        let record: std::collections::HashSet<_> = events
+            .iter()
+            .map(|e| e.id.split('/').next().unwrap().to_owned())
+            .collect();
+        assert_eq!(record.len(), 1, "one record id per request: {record:?}");
+        sink.take();
+    }
+    let s = stats.snapshot();
+    assert_eq!(
+        (s.requests_seen, s.requests_metered, s.events_emitted),
+        (5, 5, 13)
+    );
+}
+
+#[tokio::test]
+async fn azure_style_paths_are_metered() {
+    let sink = MemorySink::new();
+    let base = serve(upstream(Received::default()).layer(MeteringLayer::new(sink.clone()))).await;
+    post_json(
+        &base,
+        "/openai/deployments/x/chat/completions",
+        r#"{"user":"az"}"#,
+    )
+    .await;
+    let events = sink.wait_for(3, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(events[0].subject.as_str(), "az");
+    assert_eq!(events[0].data["api"], "chat.completions");
+}
+
+#[tokio::test]
+async fn non_2xx_and_non_api_requests_produce_no_event_and_are_counted() {
+    let sink = MemorySink::new();
+    let layer = MeteringLayer::new(sink.clone());
+    let stats = layer.stats();
+    let base = serve(upstream(Received::default()).layer(layer)).await;
+
+    let (status, _, body) = post_json(&base, "/v2/chat/completions", r#"{"user":"u"}"#).await;
+    assert_eq!(
+        (status, &body[..]),
+        (StatusCode::TOO_MANY_REQUESTS, CHAT.as_bytes())
+    );
+    let response = client().get(format!("{base}/v1/models")).send().await.unwrap();
+    assert_eq!(response.bytes().await.unwrap(), &br#"{"data":[]}"#[..]);
+    // GET on an API path is not metered either.
+    client()
+        .get(format!("{base}/v1/chat/completions"))
+        .send()
+        .await
+        .unwrap();
+
+    let s = stats.snapshot();
+    assert_eq!(s.requests_seen, 3);
+    assert_eq!(s.skipped_not_api, 2);
+    assert_eq!(s.skipped_status, 1);
+    assert_eq!(s.requests_metered, 0);
+    assert_eq!(sink.events(), vec![]);
+}
+
+#[tokio::test]
+async fn error_statuses_on_api_paths_are_not_metered_by_default() {
+    let sink = MemorySink::new();
+    let layer = MeteringLayer::new(sink.clone());
+    let stats = layer.stats();
+    let app = Router::new()
+        .route(
+            "/v1/chat/completions",
+            post(|| async { (StatusCode::BAD_REQUEST, json_response(CHAT)) }),
+        )
+        .layer(layer);
+    let response = app
+        .oneshot(
+            Request::post("/v1/chat/completions")
+                .header("content-type", "application/json")
+                .body(Body::from(r#"{"user":"u"}"#))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        response.into_body().collect().await.unwrap().to_bytes(),
+        CHAT.as_bytes()
+    );
+    assert_eq!(stats.snapshot().skipped_status, 1);
+    assert!(sink.events().is_empty());
+}
+
+#[tokio::test]
+async fn over_cap_and_invalid_json_requests_reach_the_upstream_byte_identical() {
+    let sink = MemorySink::new();
+    let received = Received::default();
+    let layer = MeteringLayer::builder()
+        .sink(sink.clone())
+        .max_request_body(64)
+        .build();
+    let stats = layer.stats();
+    let base = serve(upstream(received.clone()).layer(layer)).await;
+
+    let big = format!(
+        r#"{{"user":"someone","messages":[{{"content":"{}"}}]}}"#,
+        "x".repeat(10_000)
+    );
+    let invalid = r#"{"user":"someone", oops"#;
+    post_json(&base, "/v1/chat/completions", &big).await;
+    post_json(&base, "/v1/chat/completions", invalid).await;
+    // A chunked body (no Content-Length) over the cap: prefix + rest.
+    let stream_body = reqwest::Body::wrap(Chunked::new(big.as_bytes(), 10));
+    client()
+        .post(format!("{base}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(stream_body)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+
+    assert_eq!(
+        received.all(),
+        vec![Bytes::from(big.clone()), Bytes::from(invalid), Bytes::from(big)]
+    );
+    let s = stats.snapshot();
+    assert_eq!((s.request_over_cap, s.request_invalid_json), (2, 1));
+    // The subject could not be read from those bodies, so usage went to the fallback.
+    let events = sink.wait_for(9, Duration::from_secs(5)).await.unwrap();
+    assert!(events.iter().all(|e| e.subject.as_str() == "unknown"));
+    assert_eq!(s.subject_fallback, 3);
+}
+
+/// Sends one chat request through the layer with `oneshot` and returns the subjects billed.
+async fn subjects_for(layer: MeteringLayer, sink: &MemorySink, request: Request) -> Vec<String> {
+    let app = upstream(Received::default()).layer(layer);
+    let response = app.oneshot(request).await.unwrap();
+    response.into_body().collect().await.unwrap();
+    sink.take()
+        .iter()
+        .map(|e| e.subject.as_str().to_owned())
+        .collect()
+}
+
+fn chat_request() -> axum::http::request::Builder {
+    Request::post("/v1/chat/completions").header("content-type", "application/json")
+}
+
+#[tokio::test]
+async fn body_user_of_every_json_kind() {
+    let megabytes = format!(r#"{{"user":"{}"}}"#, "u".repeat(2 * 1024 * 1024));
+    let cases: Vec<(String, &str)> = vec![
+        (r#"{"user":"customer-1"}"#.into(), "customer-1"),
+        (r#"{"user":42}"#.into(), "42"),
+        (r#"{"user":-7.5}"#.into(), "-7.5"),
+        (r#"{"user":null}"#.into(), "unknown"),
+        (r#"{"model":"m"}"#.into(), "unknown"),
+        (r#"{"user":["customer-1"]}"#.into(), "unknown"),
+        (r#"{"user":{"id":"customer-1"}}"#.into(), "unknown"),
+        (r#"{"user":""}"#.into(), "unknown"),
+        (r#"{"user":"   "}"#.into(), "unknown"),
+        (format!(r#"{{"user":"{}"}}"#, "a".repeat(257)), "unknown"),
+        (
+            format!(r#"{{"user":"{}"}}"#, "a".repeat(256)),
+            &*"a".repeat(256).leak(),
+        ),
+        (megabytes, "unknown"),
+    ];
+    for (body, want) in cases {
+        let sink = MemorySink::new();
+        let layer = MeteringLayer::new(sink.clone());
+        let stats = layer.stats();
+        let request = chat_request().body(Body::from(body.clone())).unwrap();
+        let subjects = subjects_for(layer, &sink, request).await;
+        assert_eq!(subjects, vec![want; 3], "{}", &body[..body.len().min(60)]);
+        assert_eq!(stats.snapshot().subject_fallback, u64::from(want == "unknown"));
+    }
+}
+
+#[derive(Clone)]
+struct CustomerId(String);
+impl AsRef<str> for CustomerId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+#[tokio::test]
+async fn extension_then_header_then_body_user() {
+    let chain = || {
+        Subject::extension::<CustomerId>()
+            .or_header("x-customer")
+            .or_body_user()
+    };
+    let sink = MemorySink::new();
+    let layer = || {
+        MeteringLayer::builder()
+            .sink(sink.clone())
+            .subject(chain())
+            .build()
+    };
+
+    let mut request = chat_request()
+        .header("x-customer", "from-header")
+        .body(Body::from(r#"{"user":"from-body"}"#))
+        .unwrap();
+    request.extensions_mut().insert(CustomerId("from-auth".into()));
+    assert_eq!(subjects_for(layer(), &sink, request).await, vec!["from-auth"; 3]);
+
+    let request = chat_request()
+        .header("x-customer", "from-header")
+        .body(Body::from(r#"{"user":"from-body"}"#))
+        .unwrap();
+    assert_eq!(
+        subjects_for(layer(), &sink, request).await,
+        vec!["from-header"; 3]
+    );
+
+    let request = chat_request()
+        .header("x-customer", "")
+        .body(Body::from(r#"{"user":"from-body"}"#))
+        .unwrap();
+    assert_eq!(subjects_for(layer(), &sink, request).await, vec!["from-body"; 3]);
+}
+
+#[tokio::test]
+async fn skip_policy_emits_nothing_and_counts() {
+    let sink = MemorySink::new();
+    let layer = MeteringLayer::builder()
+        .sink(sink.clone())
+        .subject(Subject::header("x-customer"))
+        .missing_subject(MissingSubject::Skip)
+        .build();
+    let stats = layer.stats();
+    let request = chat_request().body(Body::from(r#"{"user":"ignored"}"#)).unwrap();
+    assert_eq!(subjects_for(layer, &sink, request).await, Vec::<String>::new());
+    assert_eq!(stats.snapshot().subject_skipped, 1);
+}
+
+#[tokio::test]
+async fn the_json_reaching_the_sink_always_has_a_string_subject() {
+    let sink = MemorySink::new();
+    let layer = MeteringLayer::new(sink.clone());
+    for user in [
+        json!(["a", "b"]),
+        json!(null),
+        json!(1.5e300),
+        json!({"k": 1}),
+        json!(true),
+        json!("x"),
+    ] {
+        let request = chat_request()
+            .body(Body::from(json!({"user": user}).to_string()))
+            .unwrap();
+        let app = upstream(Received::default()).layer(layer.clone());
+        app.oneshot(request)
+            .await
+            .unwrap()
+            .into_body()
+            .collect()
+            .await
+            .unwrap();
+    }
+    let events = sink.wait_for(18, Duration::from_secs(5)).await.unwrap();
+    for event in events {
+        let value = serde_json::to_value(&event).unwrap();
+        assert!(
+            value["subject"].as_str().is_some_and(|s| !s.is_empty()),
+            "{value}"
+        );
+    }
+}
