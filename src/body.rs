@@ -115,3 +115,90 @@ impl Drop for MeterGuard {
         self.finish(Ended::Dropped);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::future::poll_fn;
+    use std::pin::pin;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http::{Request, Response};
+    use http_body::Body;
+    use http_body_util::{BodyExt, Full};
+    use tower::{ServiceBuilder, ServiceExt};
+
+    use crate::test_support::ChunkedBody;
+    use crate::{MemorySink, MeteringLayer, RequestBody};
+
+    const CHAT: &str = r#"{"id":"c","model":"m","usage":{"prompt_tokens":3,"completion_tokens":4}}"#;
+
+    async fn metered_response(sink: &MemorySink) -> Response<crate::MeteredBody<ChunkedBody>> {
+        let service = ServiceBuilder::new()
+            .layer(MeteringLayer::new(sink.clone()))
+            .service_fn(|_: Request<RequestBody<Full<Bytes>>>| async {
+                let chunks = CHAT.as_bytes().chunks(5).map(<[u8]>::to_vec);
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .header("content-type", "application/json")
+                        .body(ChunkedBody::new(chunks))
+                        .unwrap(),
+                )
+            });
+        let request = Request::post("/v1/chat/completions")
+            .body(Full::from(r#"{"user":"u"}"#))
+            .unwrap();
+        service.oneshot(request).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn finishes_at_is_end_stream_without_a_final_none_and_only_once() {
+        let sink = MemorySink::new();
+        let response = metered_response(&sink).await;
+        let mut body = Box::pin(response.into_body());
+        let mut bytes = Vec::new();
+        // Poll like hyper with Content-Length: stop as soon as the body says it has ended.
+        while !body.is_end_stream() {
+            let frame = poll_fn(|cx| body.as_mut().poll_frame(cx)).await.unwrap().unwrap();
+            bytes.extend_from_slice(frame.data_ref().unwrap());
+        }
+        assert_eq!(bytes, CHAT.as_bytes());
+        assert_eq!(
+            sink.events().len(),
+            2,
+            "emitted at the last frame, before any None"
+        );
+        assert!(poll_fn(|cx| body.as_mut().poll_frame(cx)).await.is_none());
+        drop(body);
+        assert_eq!(sink.events().len(), 2, "never twice");
+    }
+
+    #[tokio::test]
+    async fn size_hint_and_bytes_are_the_inner_bodys() {
+        let sink = MemorySink::new();
+        let response = metered_response(&sink).await;
+        assert_eq!(response.body().size_hint().exact(), Some(CHAT.len() as u64));
+        assert_eq!(
+            response.into_body().collect().await.unwrap().to_bytes(),
+            CHAT.as_bytes()
+        );
+        assert_eq!(sink.wait_for(2, Duration::from_secs(1)).await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_midway_emits_one_incomplete_record() {
+        let sink = MemorySink::new();
+        let response = metered_response(&sink).await;
+        {
+            let mut body = pin!(response.into_body());
+            poll_fn(|cx| body.as_mut().poll_frame(cx)).await.unwrap().unwrap();
+            assert!(sink.events().is_empty());
+        }
+        let events = sink.events();
+        // A JSON body cut short has no readable usage: one zero-token event says so.
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].data["complete"], false);
+        assert_eq!(events[0].data["usage_source"], "missing");
+    }
+}
