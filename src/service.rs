@@ -47,18 +47,22 @@ impl<S> Metering<S> {
         self.inner
     }
 
-    /// The API a request is for, when it is one the layer meters.
+    /// The API a request is for when the layer meters it; otherwise counts why not.
     fn metered_api<B>(&self, request: &Request<B>) -> Option<Api> {
-        if request.method() != Method::POST {
+        let stats = &self.config.stats;
+        let api = (request.method() == Method::POST)
+            .then(|| self.config.api_for_path(request.uri().path()))
+            .flatten();
+        let Some(api) = api else {
+            stats.incr(|c| &c.skipped_not_api);
             return None;
-        }
-        let api = self.config.api_for_path(request.uri().path())?;
+        };
         let json = request
             .headers()
             .get(CONTENT_TYPE)
             .is_none_or(|v| is_json_request(v.as_bytes()));
         if !json {
-            self.config.stats.incr(|c| &c.skipped_not_json);
+            stats.incr(|c| &c.skipped_not_json);
             return None;
         }
         Some(api)
@@ -94,7 +98,6 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         self.config.stats.incr(|c| &c.requests_seen);
         let Some(api) = self.metered_api(&request) else {
-            self.config.stats.incr(|c| &c.skipped_not_api);
             return ResponseFuture::passthrough(self.inner.call(request.map(RequestBody::passthrough)));
         };
         // The ready service goes into the future; this one keeps a fresh clone.

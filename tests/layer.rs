@@ -525,3 +525,28 @@ async fn the_json_reaching_the_sink_always_has_a_string_subject() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_non_json_body_on_an_api_path_passes_through_and_is_counted_once() {
+    let sink = MemorySink::new();
+    let received = Received::default();
+    let layer = MeteringLayer::new(sink.clone());
+    let stats = layer.stats();
+    let app = upstream(received.clone()).layer(layer);
+    let request = Request::post("/v1/chat/completions")
+        .header("content-type", "text/plain")
+        .body(Body::from("user=someone"))
+        .unwrap();
+    let response = app.oneshot(request).await.unwrap();
+    assert_eq!(
+        response.into_body().collect().await.unwrap().to_bytes(),
+        CHAT.as_bytes()
+    );
+    assert_eq!(received.all(), vec![Bytes::from("user=someone")]);
+    let s = stats.snapshot();
+    assert_eq!(
+        (s.skipped_not_json, s.skipped_not_api, s.requests_metered),
+        (1, 0, 0)
+    );
+    assert!(sink.events().is_empty());
+}
