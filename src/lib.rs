@@ -54,7 +54,10 @@ pub use layer::{MeteringLayer, MeteringLayerBuilder};
 pub use record::{EventShape, UsageRecord, UsageSource};
 pub use request::{RequestBody, RequestFields, UserField};
 pub use service::Metering;
-pub use sink::{EventSink, MemorySink, StdoutSink};
+pub use sink::{
+    EventSink, HttpSink, HttpSinkBuilder, MemorySink, OpenMeterSink, OpenMeterSinkBuilder,
+    ShutdownReport, SinkStats, StdoutSink,
+};
 pub use stats::{MeteringStats, StatsSnapshot};
 pub use subject::{MissingSubject, Subject, SubjectChain};
 pub use usage::{Api, TokenType, Usage};

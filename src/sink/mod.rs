@@ -2,11 +2,29 @@
 //!
 //! - [`MemorySink`]: keeps events in memory, for tests.
 //! - [`StdoutSink`]: prints one JSON event per line, for development and log shippers.
+//! - [`OpenMeterSink`]: delivers to OpenMeter's ingest API, batched and retried, from a
+//!   bounded queue, with a graceful [`shutdown`](OpenMeterSink::shutdown).
+//! - [`HttpSink`]: the same machine for any endpoint that takes CloudEvents batches.
 
+mod batcher;
+mod config;
+mod delivery;
+mod http;
 mod memory;
+mod openmeter;
+mod outcome;
+mod retry;
+mod shutdown;
+mod stats;
 mod stdout;
+mod throttle;
 
+pub use config::BuildError;
+pub use http::{HttpSink, HttpSinkBuilder};
 pub use memory::MemorySink;
+pub use openmeter::{DEFAULT_OPENMETER_URL, OpenMeterSink, OpenMeterSinkBuilder};
+pub use shutdown::ShutdownReport;
+pub use stats::SinkStats;
 pub use stdout::StdoutSink;
 
 use std::sync::Arc;
