@@ -1,0 +1,11 @@
+//! Test helpers shared by the integration tests: `mod support;` in any file under `tests/`.
+//!
+//! - [`fake_openmeter::FakeOpenMeter`]: a strict fake of OpenMeter's ingest API on 127.0.0.1
+//!   with runtime fault modes.
+//! - [`event_rules`]: OpenMeter's request validation, by hand, as the fake applies it.
+#![allow(dead_code, unreachable_pub)]
+
+pub mod event_rules;
+pub mod fake_openmeter;
+
+pub use fake_openmeter::{FakeOpenMeter, Fault};
