@@ -65,7 +65,11 @@ fn sorted(mut ids: Vec<String>) -> Vec<String> {
 /// Asserts that every event of `0..n` arrived exactly once and the sink counted them.
 async fn assert_all_delivered_once(fake: &FakeOpenMeter, sink: &OpenMeterSink, n: usize) {
     let arrived = fake.wait_for_events(n, WAIT).await;
-    assert!(arrived.is_ok(), "only {} of {n} arrived", arrived.unwrap_err().len());
+    assert!(
+        arrived.is_ok(),
+        "only {} of {n} arrived",
+        arrived.unwrap_err().len()
+    );
     assert_eq!(sorted(fake.event_ids()), sorted(ids(0..n)));
     let report = sink.shutdown(Duration::from_secs(5)).await;
     assert_eq!(report.stats.delivered, n as u64, "{report:?}");
@@ -92,7 +96,10 @@ async fn delivers_every_event_once_in_batches() {
 #[tokio::test]
 async fn exact_wire_format() {
     let fake = FakeOpenMeter::start_with_key("om_test_key").await;
-    let sink = fast(&fake.base_url()).api_key("om_test_key").build().unwrap();
+    let sink = fast(&fake.base_url())
+        .api_key("om_test_key")
+        .build()
+        .unwrap();
     sink.send(event(1));
     sink.send(event(2));
     fake.wait_for_events(2, WAIT).await.unwrap();
@@ -162,12 +169,22 @@ async fn server_errors_are_retried_until_recovery() {
         fake.wait_for_requests(6, WAIT).await;
         sink.stats()
     };
-    assert_eq!(stats_before_recovery.delivered, 0, "{stats_before_recovery:?}");
+    assert_eq!(
+        stats_before_recovery.delivered, 0,
+        "{stats_before_recovery:?}"
+    );
     assert_all_delivered_once(&fake, &sink, 50).await;
     let stats = sink.stats();
     assert!(fake.requests_with_status(500) >= 6, "{:?}", fake.statuses());
     assert!(stats.retries >= 6, "{stats:?}");
-    assert!(stats.last_error.as_deref().unwrap_or_default().contains("HTTP 500"), "{stats:?}");
+    assert!(
+        stats
+            .last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("HTTP 500"),
+        "{stats:?}"
+    );
 }
 
 #[tokio::test]
@@ -183,7 +200,10 @@ async fn partial_ingestion_then_500_is_deduplicated() {
     assert_eq!(fake.duplicates(), 40);
     let bodies: Vec<_> = fake.requests().into_iter().map(|r| r.body).collect();
     assert_eq!(bodies.len(), 3);
-    assert!(bodies.iter().all(|b| *b == bodies[0]), "retries resend the same bytes");
+    assert!(
+        bodies.iter().all(|b| *b == bodies[0]),
+        "retries resend the same bytes"
+    );
     assert_eq!(sink.stats().retries, 2);
 }
 
@@ -233,7 +253,14 @@ async fn hung_requests_time_out_and_are_retried() {
     assert_all_delivered_once(&fake, &sink, 10).await;
     let stats = sink.stats();
     assert_eq!(stats.retries, 2, "{stats:?}");
-    assert!(stats.last_error.as_deref().unwrap_or_default().contains("timeout"), "{stats:?}");
+    assert!(
+        stats
+            .last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("timeout"),
+        "{stats:?}"
+    );
 }
 
 #[tokio::test]
@@ -266,7 +293,10 @@ async fn bad_request_is_rejected_counted_and_not_retried() {
     assert_eq!(stats.rejected_by_status, [(400, 3)].into());
     assert_eq!((stats.retries, stats.delivered), (0, 0));
     let last_error = stats.last_error.unwrap_or_default();
-    assert!(last_error.contains("HTTP 400") && last_error.contains("source"), "{last_error}");
+    assert!(
+        last_error.contains("HTTP 400") && last_error.contains("source"),
+        "{last_error}"
+    );
     assert!(fake.events().is_empty());
 }
 
@@ -305,9 +335,16 @@ async fn queue_full_drops_exactly_what_could_not_be_queued() {
         sink.send(event(i));
     }
     let elapsed = started.elapsed();
-    assert!(elapsed < Duration::from_millis(200), "1000 sends took {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_millis(200),
+        "1000 sends took {elapsed:?}"
+    );
     let stats = sink.stats();
-    assert_eq!((stats.queued, stats.dropped_queue_full), (10, 990), "{stats:?}");
+    assert_eq!(
+        (stats.queued, stats.dropped_queue_full),
+        (10, 990),
+        "{stats:?}"
+    );
 
     // Once the task takes two batches (one sending, one waiting for the in-flight slot), the
     // queue has room again; still, every event is accounted for.
@@ -351,7 +388,11 @@ async fn shutdown_with_the_endpoint_down_reports_undelivered_within_the_timeout(
     }
     let started = Instant::now();
     let report = sink.shutdown(Duration::from_millis(500)).await;
-    assert!(started.elapsed() < Duration::from_millis(1000), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(report.undelivered, 25, "{report:?}");
     assert_eq!(report.flushed, 0);
     assert_eq!(report.stats.dropped_shutdown, 25);
@@ -386,7 +427,11 @@ async fn unauthorized_is_rejected_and_counted() {
         sink.send(event(i));
     }
     let report = sink.shutdown(Duration::from_secs(2)).await;
-    assert_eq!(report.stats.rejected_by_status, [(401, 4)].into(), "{report:?}");
+    assert_eq!(
+        report.stats.rejected_by_status,
+        [(401, 4)].into(),
+        "{report:?}"
+    );
     assert_eq!(report.stats.retries, 0);
     assert_eq!(fake.requests_with_status(401), 2);
 }
@@ -432,7 +477,10 @@ async fn api_key_never_appears_in_debug_or_logs() {
     assert!(!format!("{builder:?}").contains(KEY));
     let sink = builder.build().unwrap();
     let debug = format!("{sink:?} {:?}", sink.as_http_sink());
-    assert!(!debug.contains(KEY) && debug.contains("<redacted>"), "{debug}");
+    assert!(
+        !debug.contains(KEY) && debug.contains("<redacted>"),
+        "{debug}"
+    );
     for i in 0..3 {
         sink.send(event(i));
     }
@@ -441,7 +489,10 @@ async fn api_key_never_appears_in_debug_or_logs() {
     assert_eq!(report.stats.rejected, 3);
     assert!(!format!("{report:?}").contains(KEY));
     // The request really carried the key; the logs (at trace level, HTTP stack included) don't.
-    assert_eq!(fake.requests()[0].headers["authorization"], format!("Bearer {KEY}").as_str());
+    assert_eq!(
+        fake.requests()[0].headers["authorization"],
+        format!("Bearer {KEY}").as_str()
+    );
     let text = logs.text();
     assert!(text.contains("authentication failed"), "{text}");
     assert!(!text.contains(KEY), "the key leaked into the logs:\n{text}");
@@ -457,7 +508,10 @@ async fn dropping_the_last_handle_without_shutdown_logs_pending_events() {
         sink.send(event(i));
     }
     drop(sink);
-    assert!(!logs.text().contains("dropped without shutdown"), "a clone is still alive");
+    assert!(
+        !logs.text().contains("dropped without shutdown"),
+        "a clone is still alive"
+    );
     drop(clone);
     let text = logs.text();
     assert!(text.contains("dropped without shutdown"), "{text}");
@@ -466,7 +520,9 @@ async fn dropping_the_last_handle_without_shutdown_logs_pending_events() {
 
 #[test]
 fn building_outside_a_runtime_is_an_error_not_a_panic() {
-    let error = OpenMeterSink::builder("http://127.0.0.1:9").build().unwrap_err();
+    let error = OpenMeterSink::builder("http://127.0.0.1:9")
+        .build()
+        .unwrap_err();
     assert!(matches!(error, BuildError::NoRuntime), "{error:?}");
     assert!(error.to_string().contains("tokio runtime"));
     assert!(matches!(
@@ -483,7 +539,9 @@ async fn invalid_configuration_is_an_error() {
         Err(BuildError::InvalidUrl { .. })
     ));
     assert!(matches!(
-        OpenMeterSink::builder("http://127.0.0.1:9").api_key("line\nbreak").build(),
+        OpenMeterSink::builder("http://127.0.0.1:9")
+            .api_key("line\nbreak")
+            .build(),
         Err(BuildError::InvalidApiKey)
     ));
 }

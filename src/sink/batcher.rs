@@ -123,7 +123,11 @@ impl Batcher {
         counters.publish_queued(self.queue.len());
         let stats = counters.snapshot(self.queue.len() as u64);
         let Some(stopping) = stopping else {
-            tracing::debug!(sink = self.delivery.name, ?stats, "all handles dropped; background task done");
+            tracing::debug!(
+                sink = self.delivery.name,
+                ?stats,
+                "all handles dropped; background task done"
+            );
             return;
         };
         let report = ShutdownReport {

@@ -175,10 +175,17 @@ mod tests {
     fn urls_must_be_absolute_http() {
         let settings = |url: &str| Settings::new("HttpSink", url.to_owned());
         assert!(settings("http://127.0.0.1:1/events").endpoint_url().is_ok());
-        assert!(settings("https://openmeter.cloud/api/v1/events").endpoint_url().is_ok());
+        assert!(
+            settings("https://openmeter.cloud/api/v1/events")
+                .endpoint_url()
+                .is_ok()
+        );
         for bad in ["", "openmeter.cloud", "ftp://host/x", "/api/v1/events"] {
             assert!(
-                matches!(settings(bad).endpoint_url(), Err(BuildError::InvalidUrl { .. })),
+                matches!(
+                    settings(bad).endpoint_url(),
+                    Err(BuildError::InvalidUrl { .. })
+                ),
                 "{bad}"
             );
         }

@@ -9,13 +9,13 @@ use std::time::Duration;
 use reqwest::Url;
 use tokio::sync::mpsc::{self, error::TrySendError};
 
+use super::EventSink;
 use super::batcher::Batcher;
 use super::config::{BuildError, Settings};
 use super::delivery::Delivery;
 use super::shutdown::{self, ShutdownControl, ShutdownReport};
 use super::stats::{Counters, DropReason, SinkStats};
 use super::throttle::LogThrottle;
-use super::EventSink;
 use crate::CloudEvent;
 
 /// How often "queue full" and "sent after shutdown" are logged at most.

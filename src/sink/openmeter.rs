@@ -4,11 +4,11 @@ use std::time::Duration;
 
 use reqwest::Url;
 
+use super::EventSink;
 use super::config::BuildError;
 use super::http::{HttpSink, HttpSinkBuilder};
 use super::shutdown::ShutdownReport;
 use super::stats::SinkStats;
-use super::EventSink;
 use crate::CloudEvent;
 
 /// OpenMeter Cloud, the base URL when `OPENMETER_URL` is not set.
@@ -229,17 +229,28 @@ mod tests {
     #[test]
     fn env_defaults_to_cloud_without_key() {
         let builder = builder_from_vars(None, None);
-        assert_eq!(endpoint(builder.clone()), "https://openmeter.cloud/api/v1/events");
+        assert_eq!(
+            endpoint(builder.clone()),
+            "https://openmeter.cloud/api/v1/events"
+        );
         assert!(!format!("{builder:?}").contains("<redacted>"));
         let builder = builder_from_vars(Some("http://localhost:8888".into()), Some("om_k".into()));
-        assert_eq!(endpoint(builder.clone()), "http://localhost:8888/api/v1/events");
+        assert_eq!(
+            endpoint(builder.clone()),
+            "http://localhost:8888/api/v1/events"
+        );
         let debug = format!("{builder:?}");
-        assert!(debug.contains("<redacted>") && !debug.contains("om_k"), "{debug}");
+        assert!(
+            debug.contains("<redacted>") && !debug.contains("om_k"),
+            "{debug}"
+        );
     }
 
     #[test]
     fn building_needs_a_runtime() {
-        let error = OpenMeterSink::builder("http://127.0.0.1:9").build().unwrap_err();
+        let error = OpenMeterSink::builder("http://127.0.0.1:9")
+            .build()
+            .unwrap_err();
         assert!(matches!(error, BuildError::NoRuntime));
         assert!(error.to_string().contains("tokio runtime"));
     }

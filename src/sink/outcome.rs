@@ -94,7 +94,12 @@ pub(crate) fn problem_detail(status: StatusCode, body: &[u8]) -> String {
     };
     member("detail")
         .or_else(|| member("title"))
-        .unwrap_or_else(|| status.canonical_reason().unwrap_or("unknown status").to_owned())
+        .unwrap_or_else(|| {
+            status
+                .canonical_reason()
+                .unwrap_or("unknown status")
+                .to_owned()
+        })
 }
 
 #[cfg(test)]
@@ -132,7 +137,10 @@ mod tests {
         );
         for code in [302, 403, 404, 409, 412, 413, 422] {
             assert!(
-                matches!(classify_parts(status(code), None, b"<html>"), Outcome::Rejected { .. }),
+                matches!(
+                    classify_parts(status(code), None, b"<html>"),
+                    Outcome::Rejected { .. }
+                ),
                 "{code}"
             );
         }
@@ -150,7 +158,10 @@ mod tests {
         );
         for code in [408, 500, 502, 503, 504] {
             assert!(
-                matches!(classify_parts(status(code), None, b""), Outcome::Retry { after: None, .. }),
+                matches!(
+                    classify_parts(status(code), None, b""),
+                    Outcome::Retry { after: None, .. }
+                ),
                 "{code}"
             );
         }

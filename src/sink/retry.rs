@@ -38,10 +38,7 @@ impl Backoff {
     /// The ceiling of the next wait, without jitter.
     pub(crate) fn ceiling(&self) -> Duration {
         let factor = 2u32.saturating_pow(self.attempt.min(31));
-        self.config
-            .base
-            .saturating_mul(factor)
-            .min(self.config.max)
+        self.config.base.saturating_mul(factor).min(self.config.max)
     }
 
     /// The next wait, drawn at random below the current ceiling.
@@ -77,7 +74,9 @@ mod tests {
         }
         assert_eq!(
             ceilings,
-            [200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000, 30000, 30000]
+            [
+                200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000, 30000, 30000
+            ]
         );
     }
 
@@ -127,7 +126,10 @@ mod tests {
             Some(Duration::from_secs(30))
         );
         let earlier = httpdate::fmt_http_date(now - Duration::from_secs(30));
-        assert_eq!(parse_retry_after(&header(&earlier), now), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after(&header(&earlier), now),
+            Some(Duration::ZERO)
+        );
         assert_eq!(parse_retry_after(&header("-1"), now), None);
         assert_eq!(parse_retry_after(&header("soon"), now), None);
     }

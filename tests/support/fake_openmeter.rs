@@ -332,7 +332,11 @@ impl FakeState {
     }
 
     /// OpenMeter's validation: content type, JSON shape, every event.
-    fn validate(&self, headers: &HeaderMap, body: &[u8]) -> Result<Vec<Map<String, Value>>, String> {
+    fn validate(
+        &self,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<Vec<Map<String, Value>>, String> {
         let content_types: Vec<_> = headers.get_all(CONTENT_TYPE).iter().collect();
         let content_type = match content_types.as_slice() {
             [] => None,
@@ -365,8 +369,8 @@ async fn serve_connection(stream: tokio::net::TcpStream, connection: Connection)
         .route(INGEST_PATH, post(ingest))
         .with_state(connection);
     let service = hyper::service::service_fn(move |request| router.clone().oneshot(request));
-    let serve = hyper::server::conn::http1::Builder::new()
-        .serve_connection(TokioIo::new(stream), service);
+    let serve =
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
     tokio::select! {
         _ = serve => {}
         () = kill.notified() => {}
@@ -384,7 +388,9 @@ async fn ingest(State(connection): State<Connection>, headers: HeaderMap, body: 
     match state.take_fault() {
         None => {}
         Some(Fault::ServerError) => return state.problem(StatusCode::INTERNAL_SERVER_ERROR, ""),
-        Some(Fault::Unauthorized) => return state.problem(StatusCode::UNAUTHORIZED, "invalid token"),
+        Some(Fault::Unauthorized) => {
+            return state.problem(StatusCode::UNAUTHORIZED, "invalid token");
+        }
         Some(Fault::TooManyRequests) => {
             let mut response = state.problem(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded");
             response
@@ -414,7 +420,10 @@ async fn ingest(State(connection): State<Connection>, headers: HeaderMap, body: 
     match state.validate(&headers, &body) {
         Ok(events) => {
             state.ingest(events);
-            state.respond(StatusCode::NO_CONTENT, StatusCode::NO_CONTENT.into_response())
+            state.respond(
+                StatusCode::NO_CONTENT,
+                StatusCode::NO_CONTENT.into_response(),
+            )
         }
         Err(detail) => state.problem(StatusCode::BAD_REQUEST, &detail),
     }
@@ -453,10 +462,20 @@ mod tests {
     async fn fake_accepts_valid_events_and_dedups_by_source_and_id() {
         let fake = FakeOpenMeter::start().await;
         assert_eq!(post(&fake, event_rules::SINGLE, EVENT).await.0, 204);
-        assert_eq!(post(&fake, event_rules::BATCH, &format!("[{EVENT}]")).await.0, 204);
+        assert_eq!(
+            post(&fake, event_rules::BATCH, &format!("[{EVENT}]"))
+                .await
+                .0,
+            204
+        );
         assert_eq!(post(&fake, event_rules::JSON, EVENT).await.0, 204);
         let other_source = EVENT.replace(r#""source":"s""#, r#""source":"t""#);
-        assert_eq!(post(&fake, event_rules::JSON, &format!("[{other_source}]")).await.0, 204);
+        assert_eq!(
+            post(&fake, event_rules::JSON, &format!("[{other_source}]"))
+                .await
+                .0,
+            204
+        );
         assert_eq!(fake.event_ids(), ["a", "a"]);
         assert_eq!(fake.duplicates(), 2);
         assert_eq!(fake.requests_with_status(204), 4);
@@ -467,11 +486,19 @@ mod tests {
         let fake = FakeOpenMeter::start().await;
         let bad_subject = EVENT.replace(r#""subject":"c""#, r#""subject":["c"]"#);
         let cases = [
-            ("application/cloudevents-batch+json; charset=utf-8", format!("[{EVENT}]"), "invalid content type"),
+            (
+                "application/cloudevents-batch+json; charset=utf-8",
+                format!("[{EVENT}]"),
+                "invalid content type",
+            ),
             ("text/plain", EVENT.to_owned(), "invalid content type"),
             (event_rules::BATCH, "[]".to_owned(), "no events found"),
             (event_rules::BATCH, EVENT.to_owned(), "unexpected JSON"),
-            (event_rules::BATCH, format!("[{EVENT},{bad_subject}]"), "subject must be a string"),
+            (
+                event_rules::BATCH,
+                format!("[{EVENT},{bad_subject}]"),
+                "subject must be a string",
+            ),
         ];
         for (content_type, body, detail) in cases {
             let (status, problem) = post(&fake, content_type, &body).await;
