@@ -55,8 +55,8 @@ pub use record::{EventShape, UsageRecord, UsageSource};
 pub use request::{RequestBody, RequestFields, UserField};
 pub use service::Metering;
 pub use sink::{
-    EventSink, HttpSink, HttpSinkBuilder, MemorySink, OpenMeterSink, OpenMeterSinkBuilder,
-    ShutdownReport, SinkStats, StdoutSink,
+    EventSink, HttpSink, HttpSinkBuilder, MemorySink, OpenMeterSink, OpenMeterSinkBuilder, ShutdownReport,
+    SinkStats, StdoutSink,
 };
 pub use stats::{MeteringStats, StatsSnapshot};
 pub use subject::{MissingSubject, Subject, SubjectChain};

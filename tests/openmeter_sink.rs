@@ -11,9 +11,7 @@ use serde_json::{Map, Value};
 use support::event_rules::BATCH;
 use support::{FakeOpenMeter, Fault};
 use tower_openmeter::sink::BuildError;
-use tower_openmeter::{
-    CloudEvent, EventSink, HttpSink, OpenMeterSink, OpenMeterSinkBuilder, Subject,
-};
+use tower_openmeter::{CloudEvent, EventSink, HttpSink, OpenMeterSink, OpenMeterSinkBuilder, Subject};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -96,10 +94,7 @@ async fn delivers_every_event_once_in_batches() {
 #[tokio::test]
 async fn exact_wire_format() {
     let fake = FakeOpenMeter::start_with_key("om_test_key").await;
-    let sink = fast(&fake.base_url())
-        .api_key("om_test_key")
-        .build()
-        .unwrap();
+    let sink = fast(&fake.base_url()).api_key("om_test_key").build().unwrap();
     sink.send(event(1));
     sink.send(event(2));
     fake.wait_for_events(2, WAIT).await.unwrap();
@@ -169,10 +164,7 @@ async fn server_errors_are_retried_until_recovery() {
         fake.wait_for_requests(6, WAIT).await;
         sink.stats()
     };
-    assert_eq!(
-        stats_before_recovery.delivered, 0,
-        "{stats_before_recovery:?}"
-    );
+    assert_eq!(stats_before_recovery.delivered, 0, "{stats_before_recovery:?}");
     assert_all_delivered_once(&fake, &sink, 50).await;
     let stats = sink.stats();
     assert!(fake.requests_with_status(500) >= 6, "{:?}", fake.statuses());
@@ -340,11 +332,7 @@ async fn queue_full_drops_exactly_what_could_not_be_queued() {
         "1000 sends took {elapsed:?}"
     );
     let stats = sink.stats();
-    assert_eq!(
-        (stats.queued, stats.dropped_queue_full),
-        (10, 990),
-        "{stats:?}"
-    );
+    assert_eq!((stats.queued, stats.dropped_queue_full), (10, 990), "{stats:?}");
 
     // Once the task takes two batches (one sending, one waiting for the in-flight slot), the
     // queue has room again; still, every event is accounted for.
@@ -427,11 +415,7 @@ async fn unauthorized_is_rejected_and_counted() {
         sink.send(event(i));
     }
     let report = sink.shutdown(Duration::from_secs(2)).await;
-    assert_eq!(
-        report.stats.rejected_by_status,
-        [(401, 4)].into(),
-        "{report:?}"
-    );
+    assert_eq!(report.stats.rejected_by_status, [(401, 4)].into(), "{report:?}");
     assert_eq!(report.stats.retries, 0);
     assert_eq!(fake.requests_with_status(401), 2);
 }
@@ -477,10 +461,7 @@ async fn api_key_never_appears_in_debug_or_logs() {
     assert!(!format!("{builder:?}").contains(KEY));
     let sink = builder.build().unwrap();
     let debug = format!("{sink:?} {:?}", sink.as_http_sink());
-    assert!(
-        !debug.contains(KEY) && debug.contains("<redacted>"),
-        "{debug}"
-    );
+    assert!(!debug.contains(KEY) && debug.contains("<redacted>"), "{debug}");
     for i in 0..3 {
         sink.send(event(i));
     }
@@ -520,9 +501,7 @@ async fn dropping_the_last_handle_without_shutdown_logs_pending_events() {
 
 #[test]
 fn building_outside_a_runtime_is_an_error_not_a_panic() {
-    let error = OpenMeterSink::builder("http://127.0.0.1:9")
-        .build()
-        .unwrap_err();
+    let error = OpenMeterSink::builder("http://127.0.0.1:9").build().unwrap_err();
     assert!(matches!(error, BuildError::NoRuntime), "{error:?}");
     assert!(error.to_string().contains("tokio runtime"));
     assert!(matches!(

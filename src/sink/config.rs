@@ -73,8 +73,8 @@ impl Settings {
         let Some(token) = &self.bearer_token else {
             return Ok(None);
         };
-        let mut value = HeaderValue::try_from(format!("Bearer {token}"))
-            .map_err(|_| BuildError::InvalidApiKey)?;
+        let mut value =
+            HeaderValue::try_from(format!("Bearer {token}")).map_err(|_| BuildError::InvalidApiKey)?;
         value.set_sensitive(true);
         Ok(Some(value))
     }
@@ -182,10 +182,7 @@ mod tests {
         );
         for bad in ["", "openmeter.cloud", "ftp://host/x", "/api/v1/events"] {
             assert!(
-                matches!(
-                    settings(bad).endpoint_url(),
-                    Err(BuildError::InvalidUrl { .. })
-                ),
+                matches!(settings(bad).endpoint_url(), Err(BuildError::InvalidUrl { .. })),
                 "{bad}"
             );
         }
@@ -201,10 +198,7 @@ mod tests {
         assert!(value.is_sensitive());
         assert!(!format!("{value:?}").contains("om_secret"));
         settings.bearer_token = Some("bad\nkey".into());
-        assert!(matches!(
-            settings.authorization(),
-            Err(BuildError::InvalidApiKey)
-        ));
+        assert!(matches!(settings.authorization(), Err(BuildError::InvalidApiKey)));
     }
 
     #[test]

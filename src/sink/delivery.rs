@@ -217,13 +217,7 @@ mod tests {
     use crate::Subject;
 
     fn event(id: &str) -> CloudEvent {
-        let mut event = CloudEvent::new(
-            id,
-            "gw",
-            "prompt",
-            Subject::new("c").unwrap(),
-            Default::default(),
-        );
+        let mut event = CloudEvent::new(id, "gw", "prompt", Subject::new("c").unwrap(), Default::default());
         event.time = "2026-12-04T00:00:00.000Z".into();
         event
     }

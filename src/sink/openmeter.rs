@@ -28,7 +28,7 @@ const INGEST_PATH: &str = "api/v1/events";
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower_openmeter::{EventSink, OpenMeterSink};
+/// use tower_openmeter::{MeteringLayer, OpenMeterSink};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), tower_openmeter::sink::BuildError> {
@@ -36,13 +36,16 @@ const INGEST_PATH: &str = "api/v1/events";
 ///     .api_key("om_...")
 ///     .flush_interval(Duration::from_millis(500))
 ///     .build()?;
-/// let for_the_layer = sink.clone(); // e.g. MeteringLayer::builder().sink(for_the_layer)
-/// # drop(for_the_layer);
 /// assert_eq!(sink.endpoint().as_str(), "http://localhost:8888/api/v1/events");
+/// let layer = MeteringLayer::builder().sink(sink.clone()).build();
+/// # drop(layer);
 ///
-/// // On the way out (e.g. after axum's graceful shutdown):
+/// // ... serve; then, on the way out (e.g. after axum's graceful shutdown):
 /// let report = sink.shutdown(Duration::from_secs(10)).await;
-/// assert!(report.is_lossless());
+/// if !report.is_lossless() {
+///     eprintln!("events lost: {:?}", report.stats);
+/// }
+/// # assert!(report.is_lossless());
 /// # Ok(())
 /// # }
 /// ```
@@ -229,28 +232,17 @@ mod tests {
     #[test]
     fn env_defaults_to_cloud_without_key() {
         let builder = builder_from_vars(None, None);
-        assert_eq!(
-            endpoint(builder.clone()),
-            "https://openmeter.cloud/api/v1/events"
-        );
+        assert_eq!(endpoint(builder.clone()), "https://openmeter.cloud/api/v1/events");
         assert!(!format!("{builder:?}").contains("<redacted>"));
         let builder = builder_from_vars(Some("http://localhost:8888".into()), Some("om_k".into()));
-        assert_eq!(
-            endpoint(builder.clone()),
-            "http://localhost:8888/api/v1/events"
-        );
+        assert_eq!(endpoint(builder.clone()), "http://localhost:8888/api/v1/events");
         let debug = format!("{builder:?}");
-        assert!(
-            debug.contains("<redacted>") && !debug.contains("om_k"),
-            "{debug}"
-        );
+        assert!(debug.contains("<redacted>") && !debug.contains("om_k"), "{debug}");
     }
 
     #[test]
     fn building_needs_a_runtime() {
-        let error = OpenMeterSink::builder("http://127.0.0.1:9")
-            .build()
-            .unwrap_err();
+        let error = OpenMeterSink::builder("http://127.0.0.1:9").build().unwrap_err();
         assert!(matches!(error, BuildError::NoRuntime));
         assert!(error.to_string().contains("tokio runtime"));
     }

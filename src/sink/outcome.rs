@@ -18,10 +18,7 @@ pub(crate) enum Outcome {
     /// A status that retrying cannot fix (400, 401, 403, other 4xx but 408 and 429, 3xx).
     Rejected { status: StatusCode, detail: String },
     /// 408, 429, 5xx, a timeout or a connection error; `after` is the server's `Retry-After`.
-    Retry {
-        reason: String,
-        after: Option<Duration>,
-    },
+    Retry { reason: String, after: Option<Duration> },
 }
 
 /// Classifies a response, reading at most [`MAX_ERROR_BODY`] bytes of its body.
@@ -58,11 +55,7 @@ pub(crate) fn classify_error(error: &reqwest::Error) -> Outcome {
 }
 
 /// Classifies a status, its `Retry-After` and its body.
-pub(crate) fn classify_parts(
-    status: StatusCode,
-    retry_after: Option<Duration>,
-    body: &[u8],
-) -> Outcome {
+pub(crate) fn classify_parts(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) -> Outcome {
     if status.is_success() {
         return Outcome::Delivered;
     }
@@ -94,12 +87,7 @@ pub(crate) fn problem_detail(status: StatusCode, body: &[u8]) -> String {
     };
     member("detail")
         .or_else(|| member("title"))
-        .unwrap_or_else(|| {
-            status
-                .canonical_reason()
-                .unwrap_or("unknown status")
-                .to_owned()
-        })
+        .unwrap_or_else(|| status.canonical_reason().unwrap_or("unknown status").to_owned())
 }
 
 #[cfg(test)]

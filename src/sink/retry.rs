@@ -112,10 +112,7 @@ mod tests {
     fn retry_after_seconds_and_dates() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let header = |s: &str| HeaderValue::from_str(s).unwrap();
-        assert_eq!(
-            parse_retry_after(&header("1"), now),
-            Some(Duration::from_secs(1))
-        );
+        assert_eq!(parse_retry_after(&header("1"), now), Some(Duration::from_secs(1)));
         assert_eq!(
             parse_retry_after(&header(" 120 "), now),
             Some(Duration::from_secs(120))
@@ -126,10 +123,7 @@ mod tests {
             Some(Duration::from_secs(30))
         );
         let earlier = httpdate::fmt_http_date(now - Duration::from_secs(30));
-        assert_eq!(
-            parse_retry_after(&header(&earlier), now),
-            Some(Duration::ZERO)
-        );
+        assert_eq!(parse_retry_after(&header(&earlier), now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after(&header("-1"), now), None);
         assert_eq!(parse_retry_after(&header("soon"), now), None);
     }

@@ -34,8 +34,7 @@ pub fn body_kind(content_type: Option<&[u8]>) -> Result<BodyKind, String> {
 
 /// Parses and validates a whole request body; one bad event fails the request.
 pub fn parse_events(kind: BodyKind, body: &[u8]) -> Result<Vec<Map<String, Value>>, String> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| format!("request body is not JSON: {e}"))?;
+    let value: Value = serde_json::from_slice(body).map_err(|e| format!("request body is not JSON: {e}"))?;
     let events = match (kind, value) {
         (BodyKind::Single | BodyKind::Either, Value::Object(event)) => vec![Value::Object(event)],
         (BodyKind::Batch | BodyKind::Either, Value::Array(events)) => events,
@@ -54,10 +53,7 @@ pub fn parse_events(kind: BodyKind, body: &[u8]) -> Result<Vec<Map<String, Value
 /// Checks one event against OpenMeter's `Event` schema and the CloudEvents JSON format.
 pub fn validate_event(event: Value) -> Result<Map<String, Value>, String> {
     let Value::Object(event) = event else {
-        return Err(format!(
-            "event must be an object, got {}",
-            json_type(&event)
-        ));
+        return Err(format!("event must be an object, got {}", json_type(&event)));
     };
     for name in ["id", "source", "specversion", "type", "subject"] {
         required_string(&event, name)?;
@@ -91,12 +87,10 @@ pub fn validate_event(event: Value) -> Result<Map<String, Value>, String> {
     if event.contains_key("data_base64") {
         return Err("data_base64 is not accepted".into());
     }
-    if let Some(bad) = event.keys().find(|k| {
-        k.is_empty()
-            || !k
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-    }) {
+    if let Some(bad) = event
+        .keys()
+        .find(|k| k.is_empty() || !k.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()))
+    {
         return Err(format!("bad attribute name {bad:?}"));
     }
     Ok(event)
@@ -138,13 +132,7 @@ fn is_absolute_uri(uri: &str) -> bool {
 /// `Z` or `±HH:MM` (an offset is required), with valid ranges.
 pub fn is_rfc3339(s: &str) -> bool {
     let b = s.as_bytes();
-    if b.len() < 20
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || b[10] != b'T'
-        || b[13] != b':'
-        || b[16] != b':'
-    {
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' {
         return false;
     }
     let num = |from: usize, to: usize| -> Option<u32> {
@@ -298,30 +286,10 @@ mod tests {
     fn bodies_must_match_the_content_type_and_not_be_empty() {
         let one = valid().to_string();
         let many = format!("[{one},{one}]");
-        assert_eq!(
-            parse_events(BodyKind::Single, one.as_bytes())
-                .unwrap()
-                .len(),
-            1
-        );
-        assert_eq!(
-            parse_events(BodyKind::Batch, many.as_bytes())
-                .unwrap()
-                .len(),
-            2
-        );
-        assert_eq!(
-            parse_events(BodyKind::Either, one.as_bytes())
-                .unwrap()
-                .len(),
-            1
-        );
-        assert_eq!(
-            parse_events(BodyKind::Either, many.as_bytes())
-                .unwrap()
-                .len(),
-            2
-        );
+        assert_eq!(parse_events(BodyKind::Single, one.as_bytes()).unwrap().len(), 1);
+        assert_eq!(parse_events(BodyKind::Batch, many.as_bytes()).unwrap().len(), 2);
+        assert_eq!(parse_events(BodyKind::Either, one.as_bytes()).unwrap().len(), 1);
+        assert_eq!(parse_events(BodyKind::Either, many.as_bytes()).unwrap().len(), 2);
         assert!(parse_events(BodyKind::Single, many.as_bytes()).is_err());
         assert!(parse_events(BodyKind::Batch, one.as_bytes()).is_err());
         assert_eq!(

@@ -115,9 +115,7 @@ impl FakeOpenMeter {
     }
 
     async fn start_with(api_key: Option<String>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind 127.0.0.1:0");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
         let state = Arc::new(FakeState {
             api_key,
@@ -126,11 +124,7 @@ impl FakeOpenMeter {
             request_ids: AtomicU64::new(0),
         });
         let server = tokio::spawn(accept_loop(listener, Arc::clone(&state)));
-        FakeOpenMeter {
-            addr,
-            state,
-            server,
-        }
+        FakeOpenMeter { addr, state, server }
     }
 
     /// `http://127.0.0.1:<port>`, the base URL to give `OpenMeterSink::builder`.
@@ -332,11 +326,7 @@ impl FakeState {
     }
 
     /// OpenMeter's validation: content type, JSON shape, every event.
-    fn validate(
-        &self,
-        headers: &HeaderMap,
-        body: &[u8],
-    ) -> Result<Vec<Map<String, Value>>, String> {
+    fn validate(&self, headers: &HeaderMap, body: &[u8]) -> Result<Vec<Map<String, Value>>, String> {
         let content_types: Vec<_> = headers.get_all(CONTENT_TYPE).iter().collect();
         let content_type = match content_types.as_slice() {
             [] => None,
@@ -369,8 +359,7 @@ async fn serve_connection(stream: tokio::net::TcpStream, connection: Connection)
         .route(INGEST_PATH, post(ingest))
         .with_state(connection);
     let service = hyper::service::service_fn(move |request| router.clone().oneshot(request));
-    let serve =
-        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+    let serve = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
     tokio::select! {
         _ = serve => {}
         () = kill.notified() => {}
@@ -420,10 +409,7 @@ async fn ingest(State(connection): State<Connection>, headers: HeaderMap, body: 
     match state.validate(&headers, &body) {
         Ok(events) => {
             state.ingest(events);
-            state.respond(
-                StatusCode::NO_CONTENT,
-                StatusCode::NO_CONTENT.into_response(),
-            )
+            state.respond(StatusCode::NO_CONTENT, StatusCode::NO_CONTENT.into_response())
         }
         Err(detail) => state.problem(StatusCode::BAD_REQUEST, &detail),
     }
@@ -433,7 +419,8 @@ async fn ingest(State(connection): State<Connection>, headers: HeaderMap, body: 
 mod tests {
     use super::*;
 
-    const EVENT: &str = r#"{"specversion":"1.0","id":"a","source":"s","type":"prompt","subject":"c","data":{"tokens":1}}"#;
+    const EVENT: &str =
+        r#"{"specversion":"1.0","id":"a","source":"s","type":"prompt","subject":"c","data":{"tokens":1}}"#;
 
     async fn post(fake: &FakeOpenMeter, content_type: &str, body: &str) -> (u16, Value) {
         let response = reqwest::Client::new()
@@ -463,9 +450,7 @@ mod tests {
         let fake = FakeOpenMeter::start().await;
         assert_eq!(post(&fake, event_rules::SINGLE, EVENT).await.0, 204);
         assert_eq!(
-            post(&fake, event_rules::BATCH, &format!("[{EVENT}]"))
-                .await
-                .0,
+            post(&fake, event_rules::BATCH, &format!("[{EVENT}]")).await.0,
             204
         );
         assert_eq!(post(&fake, event_rules::JSON, EVENT).await.0, 204);
