@@ -217,7 +217,8 @@ impl HttpSinkBuilder {
     }
 
     /// How many events the queue holds; when it is full `send` drops the newest event
-    /// (default 100 000; at least 1).
+    /// (default 100 000; at least 1). A queued event holds about 1.3 KB (see BENCHMARKS.md),
+    /// so the default bounds the queue at about 125 MiB.
     pub fn queue_capacity(mut self, events: usize) -> Self {
         self.settings.queue_capacity = events.max(1);
         self
