@@ -161,7 +161,11 @@ fn send_latency(c: &mut Criterion) {
             total
         });
     });
-    assert_eq!(sink.stats().dropped_queue_full, 0, "the timed sends all found room");
+    assert_eq!(
+        sink.stats().dropped_queue_full,
+        0,
+        "the timed sends all found room"
+    );
     rt.block_on(sink.shutdown(Duration::from_secs(10)));
 
     let full = rt.block_on(async {
@@ -229,5 +233,10 @@ fn memory_with_queue_full(_c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, memory_with_queue_full, send_latency, delivered_throughput);
+criterion_group!(
+    benches,
+    memory_with_queue_full,
+    send_latency,
+    delivered_throughput
+);
 criterion_main!(benches);

@@ -269,6 +269,38 @@ async fn connections_closed_mid_request_are_retried() {
 }
 
 #[tokio::test]
+async fn survives_every_fault_in_turn_and_loses_nothing() {
+    let fake = FakeOpenMeter::start().await;
+    let sink = fast(&fake.base_url())
+        .request_timeout(Duration::from_millis(200))
+        .batch_size(10)
+        .build()
+        .unwrap();
+    let faults = [
+        Fault::ServerError,
+        Fault::TooManyRequests,
+        Fault::Hang(Duration::from_secs(2)),
+        Fault::CloseConnection,
+        Fault::AcceptThenServerError,
+    ];
+    for (round, fault) in faults.into_iter().enumerate() {
+        let requests = fake.requests().len();
+        fake.fail_next(2, fault);
+        for i in round * 10..(round + 1) * 10 {
+            sink.send(event(i));
+        }
+        fake.wait_for_requests(requests + 3, WAIT).await;
+        assert!(
+            fake.wait_for_events((round + 1) * 10, WAIT).await.is_ok(),
+            "{fault:?}"
+        );
+    }
+    assert_eq!(fake.faults_served(), 10);
+    assert_all_delivered_once(&fake, &sink, 50).await;
+    assert_eq!(sink.stats().retries, 10);
+}
+
+#[tokio::test]
 async fn bad_request_is_rejected_counted_and_not_retried() {
     let fake = FakeOpenMeter::start().await;
     let sink = fast(&fake.base_url()).build().unwrap();

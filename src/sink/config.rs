@@ -95,7 +95,7 @@ impl Settings {
 
 impl fmt::Debug for Settings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct(self.name)
+        f.debug_struct("Settings")
             .field("endpoint", &self.endpoint)
             .field("api_key", &self.bearer_token.as_ref().map(|_| Redacted))
             .field("batch_size", &self.batch_size)
