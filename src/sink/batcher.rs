@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::sleep_until;
 
@@ -60,23 +60,14 @@ impl Batcher {
                 changed = self.shutdown.deadline.changed(), if control_open && stopping.is_none() => {
                     let open = changed.is_ok();
                     match changed.ok().and_then(|()| *self.shutdown.deadline.borrow_and_update()) {
-                        Some(deadline) => {
-                            self.queue.close();
-                            stopping = Some(Stopping {
-                                deadline,
-                                delivered_before: self.delivery.counters.delivered(),
-                                dropped_before: self.delivery.counters.dropped_shutdown(),
-                            });
-                            tracing::info!(sink = self.delivery.name, "shutting down: flushing queued events");
-                        }
+                        Some(deadline) => stopping = Some(self.begin_stop(deadline)),
                         None => control_open = open,
                     }
                 }
                 Ok(permit) = permits.clone().acquire_owned(), if due => {
                     let events = std::mem::replace(&mut batch, Vec::with_capacity(self.batch_size));
                     (flush_at, flush_due) = (None, false);
-                    let shutdown = self.shutdown.deadline.clone();
-                    tasks.spawn(Arc::clone(&self.delivery).deliver(events, shutdown, permit));
+                    self.dispatch(events, permit, &mut tasks);
                 }
                 received = self.queue.recv_many(&mut batch, room),
                     if intake_open && !full => {
@@ -99,6 +90,23 @@ impl Batcher {
             }
         }
         self.report(stopping);
+    }
+
+    /// Stops intake (queued events are still drained) and notes where the counters stand.
+    fn begin_stop(&mut self, deadline: Instant) -> Stopping {
+        self.queue.close();
+        tracing::info!(sink = self.delivery.name, "shutting down: flushing queued events");
+        Stopping {
+            deadline,
+            delivered_before: self.delivery.counters.delivered(),
+            dropped_before: self.delivery.counters.dropped_shutdown(),
+        }
+    }
+
+    /// Hands a batch to its own delivery task, which holds `permit` until it is settled.
+    fn dispatch(&self, events: Vec<CloudEvent>, permit: OwnedSemaphorePermit, tasks: &mut JoinSet<()>) {
+        let shutdown = self.shutdown.deadline.clone();
+        tasks.spawn(Arc::clone(&self.delivery).deliver(events, shutdown, permit));
     }
 
     /// The shutdown deadline passed: drop what is queued, abort the deliveries (their
