@@ -2,10 +2,13 @@
 //!
 //! - [`fake_openmeter::FakeOpenMeter`]: a strict fake of OpenMeter's ingest API on 127.0.0.1
 //!   with runtime fault modes.
+//! - [`upstream`]: a fake LLM upstream answering every API with recorded-style bodies.
 //! - [`event_rules`]: OpenMeter's request validation, by hand, as the fake applies it.
 #![allow(dead_code, unreachable_pub)]
 
 pub mod event_rules;
 pub mod fake_openmeter;
+pub mod upstream;
 
+#[allow(unused_imports)]
 pub use fake_openmeter::{FakeOpenMeter, Fault};
