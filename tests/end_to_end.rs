@@ -11,8 +11,10 @@ use support::upstream::*;
 use support::{FakeOpenMeter, Fault};
 use tower_openmeter::{MeteringLayer, OpenMeterSink};
 
-/// (path, per-type token counts the fake must receive for one request)
-fn cases() -> Vec<(&'static str, &'static str, Vec<(&'static str, u64)>)> {
+/// A request path, its API name, and the per-type token counts the fake must receive for it.
+type Case = (&'static str, &'static str, Vec<(&'static str, u64)>);
+
+fn cases() -> Vec<Case> {
     vec![
         (
             "/v1/chat/completions",
