@@ -38,7 +38,11 @@ mod meter;
 mod record;
 mod request;
 mod service;
+#[allow(dead_code)] // wired into `MeteredBody` by the layer
+mod sse;
 mod stats;
+#[allow(dead_code)] // wired into `MeteredBody` by the layer
+mod stream_usage;
 mod subject;
 mod usage;
 
