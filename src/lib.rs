@@ -45,6 +45,8 @@ mod stats;
 mod stream_usage;
 mod subject;
 mod usage;
+#[allow(dead_code)] // wired into `MeteredBody` by the layer
+mod usage_injection;
 
 pub mod sink;
 

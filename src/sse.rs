@@ -266,7 +266,7 @@ impl SseScanner {
 }
 
 /// Frees an (empty) buffer's capacity beyond [`KEEP_CAPACITY`].
-fn release(buf: &mut Vec<u8>) {
+pub(crate) fn release(buf: &mut Vec<u8>) {
     if buf.capacity() > KEEP_CAPACITY {
         buf.shrink_to(KEEP_CAPACITY);
     }
