@@ -30,6 +30,8 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
+#[allow(dead_code)] // wired into `MeteredBody` by the layer
+mod decode;
 mod event;
 mod future;
 mod inspect;
