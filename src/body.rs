@@ -7,7 +7,9 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+use crate::MeteringStats;
 use crate::meter::{ActiveMeter, Ended};
+use crate::usage_injection::UsageChunkFilter;
 
 pin_project! {
     /// A response body that passes every frame to the client at once and unchanged, and reads
@@ -21,6 +23,11 @@ pin_project! {
         #[pin]
         inner: B,
         guard: MeterGuard,
+        // Only for a stream whose usage the layer asked for (`ensure_stream_usage`).
+        filter: Option<Box<ClientFilter>>,
+        // A trailers frame waiting behind the filter's last bytes.
+        pending: Option<Frame<Bytes>>,
+        inner_done: bool,
     }
 }
 
@@ -31,7 +38,13 @@ impl<B: Body> MeteredBody<B> {
             // HEAD, 204, 304 or an empty body: there will be no frame to wait for.
             guard.finish(Ended::Complete);
         }
-        MeteredBody { inner, guard }
+        MeteredBody {
+            inner,
+            guard,
+            filter: None,
+            pending: None,
+            inner_done: false,
+        }
     }
 
     /// A body that is not metered.
@@ -39,7 +52,21 @@ impl<B: Body> MeteredBody<B> {
         MeteredBody {
             inner,
             guard: MeterGuard(None),
+            filter: None,
+            pending: None,
+            inner_done: false,
         }
+    }
+
+    /// Filters what the client gets through `filter` (the metering still reads the original
+    /// bytes). The size hint becomes unknown: the length changes.
+    pub(crate) fn with_filter(mut self, filter: UsageChunkFilter, stats: MeteringStats) -> Self {
+        self.filter = Some(Box::new(ClientFilter {
+            filter,
+            stats,
+            finished: false,
+        }));
+        self
     }
 }
 
@@ -55,6 +82,12 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let mut this = self.project();
+        if let Some(frame) = this.pending.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        if *this.inner_done {
+            return Poll::Ready(None);
+        }
         let frame = ready!(this.inner.as_mut().poll_frame(cx));
         let guard = this.guard;
         if guard.0.is_some() {
@@ -72,15 +105,90 @@ where
                 None => guard.finish(Ended::Complete),
             }
         }
+        let Some(filter) = this.filter.as_mut() else {
+            return Poll::Ready(frame);
+        };
+        let frame = match frame {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    let end = this.inner.is_end_stream();
+                    Some(Ok(Frame::data(filter.feed(&data, end))))
+                }
+                Err(trailers) => {
+                    let tail = filter.finish();
+                    if tail.is_empty() {
+                        Some(Ok(trailers))
+                    } else {
+                        *this.pending = Some(trailers);
+                        Some(Ok(Frame::data(tail)))
+                    }
+                }
+            },
+            Some(Err(error)) => {
+                filter.finish();
+                Some(Err(error))
+            }
+            None => {
+                *this.inner_done = true;
+                let tail = filter.finish();
+                (!tail.is_empty()).then(|| Ok(Frame::data(tail)))
+            }
+        };
         Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.pending.is_none() && (self.inner_done || self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        if self.filter.is_some() {
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
+        }
+    }
+}
+
+/// The client-side filter of a stream whose usage the layer asked for.
+struct ClientFilter {
+    filter: UsageChunkFilter,
+    stats: MeteringStats,
+    finished: bool,
+}
+
+impl ClientFilter {
+    /// Filters one frame; at the end of the stream, also flushes what was held back.
+    fn feed(&mut self, data: &Bytes, end: bool) -> Bytes {
+        let mut out = Vec::with_capacity(data.len());
+        self.filter.feed(data, &mut out);
+        if end {
+            out.extend_from_slice(&self.finish());
+        }
+        Bytes::from(out)
+    }
+
+    /// Ends the stream (once): the bytes still held back, and the counts.
+    fn finish(&mut self) -> Bytes {
+        if self.finished {
+            return Bytes::new();
+        }
+        self.finished = true;
+        let mut out = Vec::new();
+        self.filter.finish(&mut out);
+        self.stats
+            .add(|c| &c.usage_chunks_removed, self.filter.dropped_events());
+        Bytes::from(out)
+    }
+}
+
+impl Drop for ClientFilter {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.finished = true;
+            self.stats
+                .add(|c| &c.usage_chunks_removed, self.filter.dropped_events());
+        }
     }
 }
 
@@ -89,6 +197,7 @@ impl<B: std::fmt::Debug> std::fmt::Debug for MeteredBody<B> {
         f.debug_struct("MeteredBody")
             .field("inner", &self.inner)
             .field("metered", &self.guard.0.is_some())
+            .field("filtered", &self.filter.is_some())
             .finish()
     }
 }

@@ -150,6 +150,7 @@ impl Decoder {
         })
     }
 
+    #[cfg(test)]
     /// Decoded bytes so far.
     pub(crate) fn total_out(&self) -> u64 {
         self.total_out
@@ -179,9 +180,7 @@ impl Decoder {
         match self.stage {
             Stage::Done => Ok(()),
             // An empty body decodes to nothing.
-            Stage::Fixed { got: 0 } if self.total_out == 0 && self.inflate.total_in() == 0 => {
-                Ok(())
-            }
+            Stage::Fixed { got: 0 } if self.total_out == 0 && self.inflate.total_in() == 0 => Ok(()),
             Stage::Body if !self.started => Ok(()),
             _ => {
                 self.error = Some(DecodeError::Truncated);
@@ -351,8 +350,8 @@ impl Decoder {
             .inflate
             .decompress_vec(input, &mut self.buf, FlushDecompress::None)
             .map_err(|_| DecodeError::Corrupt)?;
-        let consumed = usize::try_from(self.inflate.total_in() - before_in)
-            .map_err(|_| DecodeError::Corrupt)?;
+        let consumed =
+            usize::try_from(self.inflate.total_in() - before_in).map_err(|_| DecodeError::Corrupt)?;
         let produced = self.buf.len();
         if produced > 0 {
             self.total_out = self.total_out.saturating_add(produced as u64);
@@ -420,9 +419,7 @@ pub(crate) mod tests {
     fn sample() -> Vec<u8> {
         let mut text = Vec::new();
         for i in 0..2000 {
-            text.extend_from_slice(
-                format!("data: {{\"i\":{i},\"content\":\"h\u{e9}llo\"}}\n\n").as_bytes(),
-            );
+            text.extend_from_slice(format!("data: {{\"i\":{i},\"content\":\"h\u{e9}llo\"}}\n\n").as_bytes());
         }
         text
     }
@@ -462,10 +459,7 @@ pub(crate) mod tests {
         let mut two = e.finish().unwrap();
         two.extend_from_slice(&gzip(b"def"));
         let frames: Vec<&[u8]> = two.chunks(1).collect();
-        assert_eq!(
-            decode(Coding::Gzip, 100, frames),
-            (b"abcdef".to_vec(), Ok(()))
-        );
+        assert_eq!(decode(Coding::Gzip, 100, frames), (b"abcdef".to_vec(), Ok(())));
     }
 
     #[test]

@@ -5,11 +5,15 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use http::Response;
+use http::header::CONTENT_LENGTH;
+use http::{Response, response};
 use pin_project_lite::pin_project;
 
-use crate::MeteredBody;
+use crate::decode::Coding;
+use crate::inspect::is_event_stream_response;
 use crate::meter::Meter;
+use crate::usage_injection::UsageChunkFilter;
+use crate::{MeteredBody, MeteringStats};
 
 pub(crate) type Prepare<F> = Pin<Box<dyn Future<Output = (F, Meter)> + Send>>;
 
@@ -83,12 +87,33 @@ where
 }
 
 fn wrap<B: http_body::Body>(response: Response<B>, meter: Option<Meter>) -> Response<MeteredBody<B>> {
-    let (head, body) = response.into_parts();
+    let (mut head, body) = response.into_parts();
+    let filter = meter.as_ref().and_then(|meter| usage_filter(meter, &mut head));
     let body = match meter.and_then(|meter| meter.start_response(&head)) {
         Some(active) => MeteredBody::new(body, Some(active)),
         None => MeteredBody::passthrough(body),
     };
+    let body = match filter {
+        Some((filter, stats)) => body.with_filter(filter, stats),
+        None => body,
+    };
     Response::from_parts(head, body)
+}
+
+/// For a request whose stream usage the layer asked for, the filter that hides it from the
+/// client. The response's `Content-Length`, which the filter invalidates, is removed.
+fn usage_filter(meter: &Meter, head: &mut response::Parts) -> Option<(UsageChunkFilter, MeteringStats)> {
+    if !meter.usage_injected() || !is_event_stream_response(&head.headers) {
+        return None;
+    }
+    let stats = &meter.config().stats;
+    if Coding::from_headers(&head.headers) != Coding::Identity {
+        stats.incr(|c| &c.usage_chunks_unfiltered);
+        tracing::warn!("compressed stream: the usage chunk the layer asked for reaches the client");
+        return None;
+    }
+    head.headers.remove(CONTENT_LENGTH);
+    Some((UsageChunkFilter::new(meter.config().max_sse_line), stats.clone()))
 }
 
 /// The meter of a request whose response has not arrived; dropped unused, the request was

@@ -25,6 +25,9 @@ pub(crate) struct Config {
     pub(crate) max_subject_len: usize,
     pub(crate) max_request_body: usize,
     pub(crate) max_response_body: usize,
+    pub(crate) max_sse_line: usize,
+    pub(crate) max_decoded_stream: u64,
+    pub(crate) ensure_stream_usage: bool,
     pub(crate) api_paths: Vec<(String, Api)>,
     pub(crate) meter_status: fn(StatusCode) -> bool,
     pub(crate) provider: Option<String>,
@@ -54,6 +57,9 @@ impl fmt::Debug for Config {
             .field("max_subject_len", &self.max_subject_len)
             .field("max_request_body", &self.max_request_body)
             .field("max_response_body", &self.max_response_body)
+            .field("max_sse_line", &self.max_sse_line)
+            .field("max_decoded_stream", &self.max_decoded_stream)
+            .field("ensure_stream_usage", &self.ensure_stream_usage)
             .field("api_paths", &self.api_paths)
             .field("provider", &self.provider)
             .finish_non_exhaustive()
@@ -138,6 +144,9 @@ pub struct MeteringLayerBuilder {
     max_subject_len: usize,
     max_request_body: usize,
     max_response_body: usize,
+    max_sse_line: usize,
+    max_decoded_stream: u64,
+    ensure_stream_usage: bool,
     api_paths: Vec<(String, Api)>,
     meter_status: fn(StatusCode) -> bool,
     provider: Option<String>,
@@ -156,6 +165,9 @@ impl Default for MeteringLayerBuilder {
             max_subject_len: 256,
             max_request_body: 32 * 1024 * 1024,
             max_response_body: 4 * 1024 * 1024,
+            max_sse_line: crate::sse::DEFAULT_MAX_LINE,
+            max_decoded_stream: 256 * 1024 * 1024,
+            ensure_stream_usage: false,
             api_paths: Api::ALL
                 .iter()
                 .map(|api| (api.path_suffix().to_owned(), *api))
@@ -227,6 +239,42 @@ impl MeteringLayerBuilder {
         self
     }
 
+    /// The longest SSE line (and the largest joined `data` of one SSE event) read from a
+    /// streamed response (default 1 MiB). Longer lines are skipped and counted in
+    /// `sse_lines_too_long`; the client still gets every byte. Memory per stream is bounded by
+    /// about twice this value.
+    pub fn max_sse_line(mut self, bytes: usize) -> Self {
+        self.max_sse_line = bytes;
+        self
+    }
+
+    /// How many decoded bytes of a compressed (`gzip`, `deflate`) event stream are inspected
+    /// (default 256 MiB); past it, decoding stops, the usage seen so far is kept, and
+    /// `decode_failed` is counted. This bounds the CPU a compression bomb can take. Compressed
+    /// JSON responses are decoded up to [`max_response_body`](Self::max_response_body).
+    pub fn max_decoded_stream(mut self, bytes: u64) -> Self {
+        self.max_decoded_stream = bytes;
+        self
+    }
+
+    /// Makes streamed chat.completions and completions requests report their usage (default
+    /// off).
+    ///
+    /// OpenAI-style streams carry usage only when the request sets
+    /// `stream_options.include_usage`; without it a streamed request cannot be billed. When on,
+    /// a streaming request that did not ask for usage is rewritten to set it (the rest of the
+    /// body is kept byte for byte, `Content-Length` is fixed), and the response is filtered so
+    /// the client sees the stream it asked for: the usage-only chunk is removed, and so is the
+    /// `"usage":null` member OpenAI adds to every other chunk. For OpenAI's own output the client
+    /// gets exactly the bytes it would have got without the rewrite; the response loses its
+    /// `Content-Length` (the length changes). A compressed response cannot be filtered: it is
+    /// passed unchanged, usage chunk included, and counted in `usage_chunks_unfiltered`.
+    /// Requests that set `include_usage` themselves are never touched.
+    pub fn ensure_stream_usage(mut self, on: bool) -> Self {
+        self.ensure_stream_usage = on;
+        self
+    }
+
     /// Replaces the path suffixes that identify each API (default: `/chat/completions`,
     /// `/completions`, `/embeddings`, `/responses`, `/messages`). The first matching suffix
     /// wins, so list longer suffixes first.
@@ -276,6 +324,9 @@ impl MeteringLayerBuilder {
                 max_subject_len: self.max_subject_len,
                 max_request_body: self.max_request_body,
                 max_response_body: self.max_response_body,
+                max_sse_line: self.max_sse_line,
+                max_decoded_stream: self.max_decoded_stream,
+                ensure_stream_usage: self.ensure_stream_usage,
                 api_paths: self.api_paths,
                 meter_status: self.meter_status,
                 provider: self.provider,

@@ -30,7 +30,6 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
-#[allow(dead_code)] // wired into `MeteredBody` by the layer
 mod decode;
 mod event;
 mod future;
@@ -40,14 +39,11 @@ mod meter;
 mod record;
 mod request;
 mod service;
-#[allow(dead_code)] // wired into `MeteredBody` by the layer
 mod sse;
 mod stats;
-#[allow(dead_code)] // wired into `MeteredBody` by the layer
 mod stream_usage;
 mod subject;
 mod usage;
-#[allow(dead_code)] // wired into `MeteredBody` by the layer
 mod usage_injection;
 
 pub mod sink;

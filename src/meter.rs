@@ -32,6 +32,7 @@ pub(crate) struct Meter {
     request: RequestFields,
     started: SystemTime,
     labels: Map<String, Value>,
+    usage_injected: bool,
 }
 
 impl Meter {
@@ -50,11 +51,26 @@ impl Meter {
             request,
             started,
             labels,
+            usage_injected: false,
         }
     }
 
     pub(crate) fn config(&self) -> &Config {
         &self.config
+    }
+
+    pub(crate) fn api(&self) -> Api {
+        self.api
+    }
+
+    /// Marks the request as rewritten to ask for stream usage the client did not ask for.
+    pub(crate) fn set_usage_injected(&mut self, injected: bool) {
+        self.usage_injected = injected;
+    }
+
+    /// Whether the request was rewritten to ask for stream usage.
+    pub(crate) fn usage_injected(&self) -> bool {
+        self.usage_injected
     }
 
     #[allow(dead_code)] // read by the stream inspector
@@ -70,9 +86,7 @@ impl Meter {
             tracing::debug!(status = %head.status, api = self.api.as_str(), "response not metered: status");
             return None;
         }
-        let encoding = head.headers.get(CONTENT_ENCODING).map(|v| v.as_bytes());
-        let content_type = head.headers.get(CONTENT_TYPE).map(|v| v.as_bytes());
-        match Inspector::for_response(content_type, encoding, &self) {
+        match Inspector::for_response(&head.headers, &self) {
             Some(inspector) => Some(Box::new(ActiveMeter {
                 meter: self,
                 inspector,

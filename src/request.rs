@@ -117,6 +117,19 @@ impl<B: Body> RequestBody<B> {
         body
     }
 
+    /// The whole body when it was read completely (and so holds nothing else).
+    pub(crate) fn buffered_bytes(&self) -> Option<Bytes> {
+        if self.rest.is_some() || self.error.is_some() {
+            return None;
+        }
+        Some(concat(self.prefix.clone(), self.prefix_len as usize))
+    }
+
+    /// The same body with its bytes replaced (trailers kept); for a complete body only.
+    pub(crate) fn with_bytes(self, bytes: Bytes) -> Self {
+        Self::buffered(bytes, self.trailers)
+    }
+
     fn replay(prefix: VecDeque<Bytes>, rest: Option<B>) -> Self {
         let prefix_len = prefix.iter().map(|b| b.len() as u64).sum();
         RequestBody {

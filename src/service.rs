@@ -106,11 +106,13 @@ where
         let config = self.config.clone();
         let started = SystemTime::now();
         ResponseFuture::prepare(Box::pin(async move {
-            let (head, body) = request.into_parts();
+            let (mut head, body) = request.into_parts();
             let (body, fields) = read_request(&config, &head, body).await;
+            let (body, injected) = ensure_stream_usage(&config, api, &mut head, body, &fields);
             let subject = config.subject.resolve(&head, &fields, config.max_subject_len);
             let labels = config.data_fields.as_ref().map(|f| f(&head)).unwrap_or_default();
-            let meter = Meter::new(config, api, subject, fields, started, labels);
+            let mut meter = Meter::new(config, api, subject, fields, started, labels);
+            meter.set_usage_injected(injected);
             (inner.call(Request::from_parts(head, body)), meter)
         }))
     }
@@ -151,4 +153,36 @@ where
         }
     };
     (body, fields)
+}
+
+/// With `ensure_stream_usage`, rewrites a streaming OpenAI-style request that did not ask for
+/// usage to ask for it, fixing `Content-Length`. Returns the body to send and whether it was
+/// rewritten. The response side removes what the rewrite adds (see `usage_injection`).
+fn ensure_stream_usage<B: Body>(
+    config: &Config,
+    api: Api,
+    head: &mut request::Parts,
+    body: RequestBody<B>,
+    fields: &RequestFields,
+) -> (RequestBody<B>, bool) {
+    let wanted = config.ensure_stream_usage
+        && fields.stream
+        && !fields.include_usage
+        && matches!(api, Api::ChatCompletions | Api::Completions);
+    if !wanted {
+        return (body, false);
+    }
+    let Some(bytes) = body.buffered_bytes() else {
+        return (body, false);
+    };
+    let Some(rewritten) = crate::usage_injection::request_with_include_usage(&bytes) else {
+        return (body, false);
+    };
+    if head.headers.contains_key(CONTENT_LENGTH) {
+        head.headers
+            .insert(CONTENT_LENGTH, http::HeaderValue::from(rewritten.len()));
+    }
+    config.stats.incr(|c| &c.stream_usage_injected);
+    tracing::debug!(api = api.as_str(), "streaming request rewritten to include usage");
+    (body.with_bytes(Bytes::from(rewritten)), true)
 }

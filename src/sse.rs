@@ -101,6 +101,7 @@ impl SseScanner {
         self.events_too_large
     }
 
+    #[cfg(test)]
     /// Bytes currently buffered (carry-over line plus pending event), for tests and limits.
     pub(crate) fn buffered(&self) -> usize {
         self.line.len() + self.event.len() + self.data.len()
@@ -363,10 +364,7 @@ pub(crate) mod tests {
             assert_eq!(scan(&input), expected, "{sep:?}");
         }
         // Mixed endings in one stream.
-        assert_eq!(
-            scan("event: e\r\ndata: a\rdata: b\n\r\ndata: c\r\r"),
-            expected
-        );
+        assert_eq!(scan("event: e\r\ndata: a\rdata: b\n\r\ndata: c\r\r"), expected);
     }
 
     #[test]

@@ -63,6 +63,17 @@ counters! {
     requests_cancelled,
     /// SSE lines longer than the line cap, skipped.
     sse_lines_too_long,
+    /// SSE events whose joined data was longer than the line cap, skipped.
+    sse_events_too_large,
+    /// Compressed responses whose decoding (for inspection only) failed or passed its cap.
+    decode_failed,
+    /// Streaming requests rewritten to ask for usage (`ensure_stream_usage`).
+    stream_usage_injected,
+    /// Usage-only chunks removed from streams whose usage the layer asked for.
+    usage_chunks_removed,
+    /// Streams whose usage the layer asked for but could not filter (compressed or not SSE):
+    /// the client sees the usage chunk.
+    usage_chunks_unfiltered,
     /// Events handed to the sink.
     events_emitted,
 }

@@ -69,11 +69,13 @@ impl StreamUsage {
         }
     }
 
+    #[cfg(test)]
     /// Whether any usage was seen.
     pub(crate) fn seen_usage(&self) -> bool {
         self.seen_usage
     }
 
+    #[cfg(test)]
     /// Whether the stream's own end marker was seen (`[DONE]`, `message_stop`, or a final
     /// `response.completed`/`incomplete`/`failed`).
     pub(crate) fn saw_end(&self) -> bool {
@@ -388,10 +390,7 @@ pub(crate) mod tests {
     fn chat_without_usage_parses_only_the_first_chunk() {
         let u = run(Api::ChatCompletions, [CHAT_NO_USAGE.as_bytes()]);
         let s = u.summary();
-        assert_eq!(
-            (s.usage, s.model.as_deref()),
-            (None, Some("gpt-4o-2024-08-06"))
-        );
+        assert_eq!((s.usage, s.model.as_deref()), (None, Some("gpt-4o-2024-08-06")));
         assert!(!u.seen_usage());
         assert_eq!(u.model_attempts, 1);
     }
@@ -430,12 +429,7 @@ pub(crate) mod tests {
         assert_eq!(s.response_id.as_deref(), Some("msg_01X"));
         let usage = s.usage.unwrap();
         assert_eq!(
-            (
-                usage.input,
-                usage.cache_read,
-                usage.cache_write,
-                usage.output
-            ),
+            (usage.input, usage.cache_read, usage.cache_write, usage.output),
             (20, 4000, 1500, 90)
         );
         assert_eq!(s.anomalies, 0);

@@ -48,11 +48,7 @@ pub(crate) fn request_with_include_usage(body: &[u8]) -> Option<Vec<u8>> {
     }
     let mut members = Vec::new();
     object_members(body, open, &mut members)?;
-    let splice = match members
-        .iter()
-        .rev()
-        .find(|m| key_is(body, m, b"stream_options"))
-    {
+    let splice = match members.iter().rev().find(|m| key_is(body, m, b"stream_options")) {
         None => insert_member(
             open,
             !members.is_empty(),
@@ -61,17 +57,9 @@ pub(crate) fn request_with_include_usage(body: &[u8]) -> Option<Vec<u8>> {
         Some(options) if body[options.value.start] == b'{' => {
             let mut inner = Vec::new();
             object_members(body, options.value.start, &mut inner)?;
-            match inner
-                .iter()
-                .rev()
-                .find(|m| key_is(body, m, b"include_usage"))
-            {
+            match inner.iter().rev().find(|m| key_is(body, m, b"include_usage")) {
                 Some(flag) => (flag.value.clone(), b"true".to_vec()),
-                None => insert_member(
-                    options.value.start,
-                    !inner.is_empty(),
-                    br#""include_usage":true"#,
-                ),
+                None => insert_member(options.value.start, !inner.is_empty(), br#""include_usage":true"#),
             }
         }
         // `null` or another non-object value: replaced by the object.
@@ -143,16 +131,19 @@ impl UsageChunkFilter {
         self.dropped_events
     }
 
+    #[cfg(test)]
     /// `"usage":null` members removed so far.
     pub(crate) fn removed_nulls(&self) -> u64 {
         self.removed_nulls
     }
 
+    #[cfg(test)]
     /// Lines longer than the cap, passed through unexamined.
     pub(crate) fn lines_too_long(&self) -> u64 {
         self.lines_too_long
     }
 
+    #[cfg(test)]
     /// Bytes held back, waiting for the end of their line.
     pub(crate) fn held(&self) -> usize {
         self.held.len()
@@ -268,9 +259,7 @@ impl UsageChunkFilter {
                 let offset = content.len() - value.len();
                 let space = usize::from(value.first() == Some(&b' '));
                 match self.classify(&value[space..]) {
-                    Verdict::Remove(r) => {
-                        Verdict::Remove(r.start + offset + space..r.end + offset + space)
-                    }
+                    Verdict::Remove(r) => Verdict::Remove(r.start + offset + space..r.end + offset + space),
                     other => other,
                 }
             }
@@ -347,8 +336,7 @@ fn key_is(json: &[u8], member: &Member, name: &[u8]) -> bool {
     if !raw.contains(&b'\\') {
         return raw == name;
     }
-    serde_json::from_slice::<String>(&json[member.key.clone()])
-        .is_ok_and(|key| key.as_bytes() == name)
+    serde_json::from_slice::<String>(&json[member.key.clone()]).is_ok_and(|key| key.as_bytes() == name)
 }
 
 /// Lists the members of the object opening at `open` into `out`; returns the index just past
@@ -481,9 +469,7 @@ mod tests {
             r#"{"stream":true,"stream_options":{"include_usage":true,"include_obfuscation":false}}"#
         );
         assert_eq!(
-            rewrite(
-                r#"{"stream_options": {"include_usage" : false }, "x": "{\"stream_options\":1}"}"#
-            ),
+            rewrite(r#"{"stream_options": {"include_usage" : false }, "x": "{\"stream_options\":1}"}"#),
             r#"{"stream_options": {"include_usage" : true }, "x": "{\"stream_options\":1}"}"#
         );
         assert_eq!(
@@ -509,8 +495,7 @@ mod tests {
         let body = json!({"model":"m","messages":[{"role":"user","content":"hi \"there\" {"}],
             "stream":true,"user":"u-1","stream_options":{"other":[1,2,{"x":null}]}});
         let text = serde_json::to_vec_pretty(&body).unwrap();
-        let out: Value =
-            serde_json::from_slice(&request_with_include_usage(&text).unwrap()).unwrap();
+        let out: Value = serde_json::from_slice(&request_with_include_usage(&text).unwrap()).unwrap();
         let mut expected = body.clone();
         expected["stream_options"]["include_usage"] = json!(true);
         assert_eq!(out, expected);
