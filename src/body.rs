@@ -1,4 +1,27 @@
 //! [`MeteredBody`]: forwards a response body unchanged while its usage is read.
+//!
+//! How a body is read depends on its head: `application/json` (or no type) is kept, up to
+//! `max_response_body`, and parsed at the end; `text/event-stream` goes through the incremental
+//! SSE scanner (`sse`) and the per-API stream accumulator (`stream_usage`), so a stream of any
+//! length costs at most about two `max_sse_line`s of memory. Usage is emitted once, at the end;
+//! a stream that ends early (client gone, upstream error, body dropped) is metered as incomplete
+//! with the usage seen so far, or with `usage_source: missing` when none was seen.
+//!
+//! # Order with a compression layer
+//!
+//! Metering reads plain bytes best. With tower-http's `CompressionLayer`:
+//!
+//! - **Metering inside compression** (`ServiceBuilder::new().layer(CompressionLayer::new())
+//!   .layer(metering)`, i.e. compression is the outer layer): the metering layer sees the plain
+//!   response and the client gets it compressed. This is the cheaper order.
+//! - **Metering outside compression** (metering is the outer layer), or an upstream that
+//!   compresses itself: the body is `Content-Encoding: gzip` (or `deflate`). The client gets
+//!   the compressed bytes unchanged; a bounded decoder (`decode`) makes a plain copy for
+//!   inspection only, capped at `max_response_body` for JSON and `max_decoded_stream` for SSE.
+//!   Other codings (`br`, `zstd`) are not inspected and are counted as `unparsed_response`.
+//!
+//! With `ensure_stream_usage`, the client's stream is filtered to hide the usage the layer asked
+//! for; that needs the plain stream, so keep metering inside compression when using it.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
