@@ -333,4 +333,55 @@ mod tests {
         assert_eq!(events[0].data["complete"], false);
         assert_eq!(events[0].data["usage_source"], "missing");
     }
+
+    /// Through the layer with `ensure_stream_usage`: an upstream with Content-Length, frames
+    /// split anywhere, an unterminated last line.
+    #[tokio::test]
+    async fn filtered_stream_drops_usage_and_content_length_and_flushes_the_tail() {
+        let upstream = concat!(
+            "data: {\"id\":\"c\",\"model\":\"m\",\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"usage\":null}\r\n\r\n",
+            "data: {\"id\":\"c\",\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\r\n\r\n",
+            ": tail without line end",
+        );
+        let expected = concat!(
+            "data: {\"id\":\"c\",\"model\":\"m\",\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\r\n\r\n",
+            ": tail without line end",
+        );
+        for frame in [1, 3, 7, 1000] {
+            let sink = MemorySink::new();
+            let layer = MeteringLayer::builder()
+                .sink(sink.clone())
+                .ensure_stream_usage(true)
+                .build();
+            let stats = layer.stats();
+            let service = ServiceBuilder::new().layer(layer).service_fn(
+                move |request: Request<RequestBody<Full<Bytes>>>| async move {
+                    let declared = request.headers()["content-length"].clone();
+                    let body = request.into_body().collect().await.unwrap().to_bytes();
+                    assert_eq!(declared, body.len().to_string().as_str());
+                    assert!(body.starts_with(br#"{"stream_options":{"include_usage":true},"#));
+                    let chunks = upstream.as_bytes().chunks(frame).map(<[u8]>::to_vec);
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .header("content-type", "text/event-stream")
+                            .header("content-length", upstream.len())
+                            .body(ChunkedBody::new(chunks))
+                            .unwrap(),
+                    )
+                },
+            );
+            let request = Request::post("/v1/chat/completions")
+                .header("content-length", 26)
+                .body(Full::from(r#"{"user":"u","stream":true}"#))
+                .unwrap();
+            let response = service.oneshot(request).await.unwrap();
+            assert!(response.headers().get("content-length").is_none());
+            assert_eq!(response.body().size_hint().exact(), None);
+            let bytes = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(bytes, expected.as_bytes(), "frames of {frame}");
+            let events = sink.wait_for(2, Duration::from_secs(1)).await.unwrap();
+            assert_eq!(events[0].data["tokens"], 3);
+            assert_eq!(stats.snapshot().usage_chunks_removed, 1);
+        }
+    }
 }
