@@ -13,6 +13,9 @@ use crate::sse::SseScanner;
 use crate::stream_usage::StreamUsage;
 use crate::usage::{ResponseSummary, parse_json_response};
 
+/// The last bytes of an over-long SSE `data:` line kept to find its usage.
+const LONG_LINE_TAIL: usize = 64 * 1024;
+
 /// What inspecting a body concluded.
 #[derive(Debug)]
 pub(crate) enum Inspection {
@@ -51,7 +54,8 @@ impl Inspector {
         let (reader, decode_cap) = match content_type.map(media_type) {
             Some(media) if is_event_stream(media) => (
                 Reader::Sse(Box::new(SseReader {
-                    scanner: SseScanner::new(config.max_sse_line),
+                    scanner: SseScanner::new(config.max_sse_line)
+                        .with_long_line_tail(LONG_LINE_TAIL.min(config.max_sse_line)),
                     usage: StreamUsage::new(meter.api()),
                 })),
                 config.max_decoded_stream,

@@ -242,9 +242,9 @@ impl MeteringLayerBuilder {
     /// The longest SSE line (and the largest joined `data` of one SSE event) read from a
     /// streamed response (default 1 MiB). Longer lines are skipped and counted in
     /// `sse_lines_too_long`; the client still gets every byte. Memory per stream is bounded by
-    /// about twice this value. The Responses API's `response.completed` event repeats the whole
-    /// output on one line: raise this cap if responses longer than about a megabyte of text
-    /// must be metered.
+    /// about twice this value. Of a longer `data:` line the last 64 KiB are still searched for
+    /// a usage object, so the Responses API's `response.completed` event, which repeats the
+    /// whole output on one line, is metered however long the output.
     pub fn max_sse_line(mut self, bytes: usize) -> Self {
         self.max_sse_line = bytes;
         self

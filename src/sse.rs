@@ -11,6 +11,9 @@
 //! - Memory is bounded: a line longer than the cap is skipped (its remainder discarded up to
 //!   its line end) and counted in [`SseScanner::lines_too_long`]; an event whose joined data
 //!   would exceed the same cap is dropped and counted in [`SseScanner::events_too_large`].
+//!   On request ([`SseScanner::with_long_line_tail`]) the last bytes of an over-long `data:`
+//!   line are kept and its event is dispatched marked truncated, so a usage object at the end
+//!   of a huge payload can still be found.
 //! - Steady state costs no allocation: a line that lies whole inside the fed chunk is read in
 //!   place, and the carry-over and data buffers keep their capacity between events (capacity
 //!   above [`KEEP_CAPACITY`] is released after use so one huge event does not pin memory).
@@ -35,8 +38,12 @@ const BOM: &[u8] = b"\xEF\xBB\xBF";
 pub(crate) struct SseEvent<'a> {
     /// The `event:` field's value; empty means the default type, `message`.
     pub(crate) event: &'a [u8],
-    /// The `data:` lines, joined with LF.
+    /// The `data:` lines, joined with LF; for a truncated event, the tail of its over-long
+    /// `data:` line.
     pub(crate) data: &'a [u8],
+    /// A `data:` line of this event was over the cap and only its last bytes were kept (see
+    /// [`SseScanner::with_long_line_tail`]); `data` is not a complete payload.
+    pub(crate) truncated: bool,
 }
 
 impl SseEvent<'_> {
@@ -63,6 +70,13 @@ pub(crate) struct SseScanner {
     data: Vec<u8>,
     has_data: bool,
     data_too_large: bool,
+    /// How many last bytes of an over-long `data:` line to keep (0: none).
+    long_tail_cap: usize,
+    long_tail: Vec<u8>,
+    /// The over-long line being skipped is a `data:` line.
+    long_is_data: bool,
+    /// The pending event's data is the tail of an over-long line.
+    truncated: bool,
     lines_too_long: u64,
     events_too_large: u64,
 }
@@ -86,9 +100,24 @@ impl SseScanner {
             data: Vec::new(),
             has_data: false,
             data_too_large: false,
+            long_tail_cap: 0,
+            long_tail: Vec::new(),
+            long_is_data: false,
+            truncated: false,
             lines_too_long: 0,
             events_too_large: 0,
         }
+    }
+
+    /// Keeps the last `bytes` of an over-long `data:` line (default 0, none): the event it
+    /// belongs to is then dispatched as [`truncated`](SseEvent::truncated), with that tail as
+    /// its data and its other data lines dropped. A final usage object is small and near the end
+    /// of its payload, so a reader can still find it there (the Responses API's
+    /// `response.completed` repeats the whole output before its `usage`). The line is still
+    /// counted in [`lines_too_long`](Self::lines_too_long). Extra memory: up to twice `bytes`.
+    pub(crate) fn with_long_line_tail(mut self, bytes: usize) -> Self {
+        self.long_tail_cap = bytes;
+        self
     }
 
     /// Lines longer than the cap that were skipped so far.
@@ -144,6 +173,7 @@ impl SseScanner {
     {
         if self.skipping_line {
             self.skipping_line = false;
+            self.end_long();
         } else if !self.line.is_empty() {
             self.end_line(&[], on_event);
         }
@@ -155,16 +185,70 @@ impl SseScanner {
 
     fn push_partial(&mut self, part: &[u8]) {
         if self.skipping_line {
+            if self.long_is_data {
+                self.push_tail(part);
+            }
             return;
         }
         if self.line.len() + part.len() > self.max_line {
-            self.lines_too_long += 1;
+            let line = std::mem::take(&mut self.line);
+            self.begin_long(&line, part);
+            self.line = line;
             self.skipping_line = true;
             self.line.clear();
             release(&mut self.line);
             return;
         }
         self.line.extend_from_slice(part);
+    }
+
+    /// An over-long line starts with `head` then `more`: count it, and start keeping its tail
+    /// when it is a `data:` line.
+    fn begin_long(&mut self, head: &[u8], more: &[u8]) {
+        self.lines_too_long += 1;
+        self.long_tail.clear();
+        let mut prefix = [0u8; 6];
+        let n = head.len().min(6);
+        prefix[..n].copy_from_slice(&head[..n]);
+        let m = more.len().min(6 - n);
+        prefix[n..n + m].copy_from_slice(&more[..m]);
+        let prefix = &prefix[..n + m];
+        self.long_is_data = self.long_tail_cap > 0 && prefix.starts_with(b"data:");
+        if self.long_is_data {
+            // Keep the value only: skip `data:` and one optional space.
+            let skip = 5 + usize::from(prefix.get(5) == Some(&b' '));
+            let from_head = skip.min(head.len());
+            self.push_tail(&head[from_head..]);
+            self.push_tail(&more[(skip - from_head).min(more.len())..]);
+        }
+    }
+
+    fn push_tail(&mut self, bytes: &[u8]) {
+        let cap = self.long_tail_cap;
+        if bytes.len() >= cap {
+            self.long_tail.clear();
+            self.long_tail.extend_from_slice(&bytes[bytes.len() - cap..]);
+            return;
+        }
+        self.long_tail.extend_from_slice(bytes);
+        if self.long_tail.len() > 2 * cap {
+            let cut = self.long_tail.len() - cap;
+            self.long_tail.drain(..cut);
+        }
+    }
+
+    /// The over-long line ended: a `data:` line's tail becomes the event's (truncated) data.
+    fn end_long(&mut self) {
+        if std::mem::take(&mut self.long_is_data) {
+            let start = self.long_tail.len().saturating_sub(self.long_tail_cap);
+            self.data.clear();
+            self.data.extend_from_slice(&self.long_tail[start..]);
+            self.has_data = true;
+            self.data_too_large = false;
+            self.truncated = true;
+        }
+        self.long_tail.clear();
+        release(&mut self.long_tail);
     }
 
     /// A line end was found; `tail` is the part of the line inside the current chunk.
@@ -174,18 +258,26 @@ impl SseScanner {
     {
         if self.skipping_line {
             self.skipping_line = false;
+            if self.long_is_data {
+                self.push_tail(tail);
+            }
+            self.end_long();
             return;
         }
         if self.line.is_empty() {
             if tail.len() > self.max_line {
-                self.lines_too_long += 1;
+                self.begin_long(tail, &[]);
+                self.end_long();
             } else {
                 self.line_complete(tail, on_event);
             }
             return;
         }
         if self.line.len() + tail.len() > self.max_line {
-            self.lines_too_long += 1;
+            let line = std::mem::take(&mut self.line);
+            self.begin_long(&line, tail);
+            self.end_long();
+            self.line = line;
         } else {
             self.line.extend_from_slice(tail);
             let line = std::mem::take(&mut self.line);
@@ -229,7 +321,7 @@ impl SseScanner {
     }
 
     fn push_data(&mut self, value: &[u8]) {
-        if self.data_too_large {
+        if self.data_too_large || self.truncated {
             return;
         }
         let separator = usize::from(self.has_data);
@@ -255,8 +347,10 @@ impl SseScanner {
             on_event(SseEvent {
                 event: &self.event,
                 data: &self.data,
+                truncated: self.truncated,
             });
         }
+        self.truncated = false;
         self.has_data = false;
         self.data_too_large = false;
         self.event.clear();
@@ -445,6 +539,47 @@ pub(crate) mod tests {
         }
         assert_eq!((scanner.data.capacity(), scanner.line.capacity()), capacity);
         assert_eq!(scanner.line.capacity(), 0, "whole lines are read in place");
+    }
+
+    #[test]
+    fn long_data_line_keeps_its_tail_when_asked() {
+        let value = format!("{{\"output\":\"{}\",\"usage\":{{\"n\":1}}}}", "o".repeat(300));
+        let input = format!(
+            "event: response.completed\r\ndata: {value}\r\ndata: more\r\n\r\ndata: {}\n\ndata: ok\n\n",
+            "p".repeat(300)
+        );
+        let tail_of = |s: &str| s[s.len() - 40..].to_owned();
+        let expected = vec![
+            ("response.completed".to_owned(), tail_of(&value), true),
+            (String::new(), tail_of(&"p".repeat(300)), true),
+            (String::new(), "ok".to_owned(), false),
+        ];
+        for frame in [1, 2, 7, 64, 1000] {
+            let mut scanner = SseScanner::new(100).with_long_line_tail(40);
+            let mut events = Vec::new();
+            let mut push = |ev: SseEvent<'_>| {
+                events.push((
+                    String::from_utf8_lossy(ev.event).into_owned(),
+                    String::from_utf8_lossy(ev.data).into_owned(),
+                    ev.truncated,
+                ))
+            };
+            for chunk in input.as_bytes().chunks(frame) {
+                scanner.feed(chunk, &mut push);
+            }
+            scanner.finish(&mut push);
+            assert_eq!(events, expected, "frames of {frame}");
+            assert_eq!(scanner.lines_too_long(), 2);
+            assert!(scanner.long_tail.capacity() <= KEEP_CAPACITY);
+        }
+        // A long line that is not `data:` keeps nothing; the stream may also end inside one.
+        let mut scanner = SseScanner::new(10).with_long_line_tail(4);
+        let mut events = Vec::new();
+        scanner.feed(b": a long comment line\ndata: abcdefghijklmnop", &mut |ev| {
+            events.push(ev.data.to_vec())
+        });
+        scanner.finish(&mut |ev| events.push(ev.data.to_vec()));
+        assert_eq!(events, vec![b"mnop".to_vec()]);
     }
 
     const MIXED: &str = "\u{FEFF}: comment\r\nevent: message_start\r\ndata: {\"x\":\"\u{e9}\"}\r\n\r\n\

@@ -24,6 +24,11 @@
 //! `"usage"` key followed by anything but `null` decides for content deltas, so a long stream of
 //! deltas costs a search per event and no JSON parsing or allocation. The model and id are read
 //! from the first chunks (or from the usage chunk when the first ones lack them).
+//!
+//! An event whose payload was longer than the line cap arrives truncated (only the tail of its
+//! line); the last `"usage"` member holding a complete object is taken from that tail. This
+//! keeps the usage of a Responses API `response.completed` event, which repeats the whole
+//! output before its `usage`, however long the output.
 
 use memchr::memmem;
 use serde::Deserialize;
@@ -106,6 +111,10 @@ impl StreamUsage {
 
     /// Observes one event.
     pub(crate) fn on_event(&mut self, ev: &SseEvent<'_>) {
+        if ev.truncated {
+            self.truncated(ev);
+            return;
+        }
         match self.api {
             Api::ChatCompletions | Api::Completions | Api::Embeddings => self.openai(ev),
             Api::Responses => self.responses(ev),
@@ -217,6 +226,20 @@ impl StreamUsage {
         self.merge(event.usage);
     }
 
+    /// An event whose payload was over the line cap: only its tail is known. The usage object,
+    /// small and near the end of every API's payload, is looked for there: the last `"usage"`
+    /// key whose value is a complete object. Nothing else is read from it.
+    fn truncated(&mut self, ev: &SseEvent<'_>) {
+        let Some(usage) = last_usage_object(ev.data) else {
+            self.unparsed_events += 1;
+            return;
+        };
+        match self.api {
+            Api::Messages => self.merge(Some(usage)),
+            _ => self.last = self.usage_object(Some(usage)),
+        }
+    }
+
     /// Parses an event's data; `None` (counted) when it is not the expected JSON.
     fn parse<'de, T: Deserialize<'de>>(&mut self, data: &'de [u8]) -> Option<T> {
         match serde_json::from_slice(data) {
@@ -274,6 +297,25 @@ pub(crate) fn may_carry_usage(data: &[u8]) -> bool {
         match rest.strip_prefix(b":") {
             Some(value) => !skip_ws(value).starts_with(b"null"),
             None => false,
+        }
+    })
+}
+
+/// The value of the last `"usage": {...}` member in `data` that parses as a complete object.
+fn last_usage_object(data: &[u8]) -> Option<Value> {
+    const KEY: &[u8] = b"\"usage\"";
+    memmem::rfind_iter(data, KEY).find_map(|at| {
+        let rest = skip_ws(&data[at + KEY.len()..]);
+        let rest = skip_ws(rest.strip_prefix(b":")?);
+        if !rest.starts_with(b"{") {
+            return None;
+        }
+        match serde_json::Deserializer::from_slice(rest)
+            .into_iter::<Value>()
+            .next()
+        {
+            Some(Ok(value @ Value::Object(_))) => Some(value),
+            _ => None,
         }
     })
 }
@@ -472,6 +514,42 @@ pub(crate) mod tests {
         // Failed with usage.
         let failed = RESPONSES_INCOMPLETE.replace("response.incomplete", "response.failed");
         assert_eq!(summary(Api::Responses, &failed).usage, Some(u));
+    }
+
+    #[test]
+    fn usage_is_found_in_the_tail_of_an_over_long_response_completed() {
+        let output = "word ".repeat(4000);
+        let stream = format!(
+            "event: response.created\n\
+             data: {{\"type\":\"response.created\",\"response\":{{\"id\":\"resp_2\",\"model\":\"gpt-4.1\",\"usage\":null}}}}\n\n\
+             event: response.completed\n\
+             data: {{\"type\":\"response.completed\",\"response\":{{\"id\":\"resp_2\",\"model\":\"gpt-4.1\",\"output\":[{{\"type\":\"message\",\"content\":[{{\"type\":\"output_text\",\"text\":\"{output}\"}}]}}],\"tools\":[],\"usage\":{{\"input_tokens\":30,\"input_tokens_details\":{{\"cached_tokens\":10}},\"output_tokens\":4000,\"total_tokens\":4030}},\"user\":null,\"metadata\":{{}}}}}}\n\n"
+        );
+        let run_capped = |chunks: Vec<&[u8]>| {
+            let mut scanner = SseScanner::new(4096).with_long_line_tail(1024);
+            let mut usage = StreamUsage::new(Api::Responses);
+            for chunk in chunks {
+                scanner.feed(chunk, &mut |ev| usage.on_event(&ev));
+            }
+            scanner.finish(&mut |ev| usage.on_event(&ev));
+            assert_eq!(scanner.lines_too_long(), 1);
+            usage.summary()
+        };
+        let whole = run_capped(vec![stream.as_bytes()]);
+        let u = whole.usage.unwrap();
+        assert_eq!((u.input, u.cache_read, u.output), (20, 10, 4000));
+        assert_eq!(whole.response_id.as_deref(), Some("resp_2"));
+        for frame in [1, 13, 500, 5000] {
+            assert_eq!(run_capped(stream.as_bytes().chunks(frame).collect()), whole);
+        }
+        // A tail with no complete usage object is counted, not guessed.
+        let mut usage = StreamUsage::new(Api::ChatCompletions);
+        usage.on_event(&SseEvent {
+            event: b"",
+            data: br#"ge":{"prompt_tokens":1}}"#,
+            truncated: true,
+        });
+        assert_eq!((usage.summary().usage, usage.unparsed_events()), (None, 1));
     }
 
     #[test]
