@@ -95,13 +95,15 @@ impl Inspector {
         }
     }
 
-    pub(crate) fn finish(self, api: Api, config: &Config) -> Inspection {
+    /// Concludes; `complete` says whether the body reached its end (a cut body's decoder is
+    /// not asked to have seen the end of its stream).
+    pub(crate) fn finish(self, api: Api, config: &Config, complete: bool) -> Inspection {
         let Inspector {
             decoder,
             mut decode_error,
             reader,
         } = self;
-        if let (Some(mut decoder), None) = (decoder, decode_error) {
+        if let (Some(mut decoder), None, true) = (decoder, decode_error, complete) {
             decode_error = decoder.finish().err();
         }
         if let Some(error) = decode_error {

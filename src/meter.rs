@@ -220,7 +220,7 @@ impl ActiveMeter {
 
     pub(crate) fn finish(self, ended: Ended) {
         let ActiveMeter { meter, inspector } = self;
-        let inspection = inspector.finish(meter.api, &meter.config);
+        let inspection = inspector.finish(meter.api, &meter.config, ended == Ended::Complete);
         meter.conclude(inspection, ended);
     }
 }

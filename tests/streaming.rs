@@ -534,3 +534,66 @@ async fn gzip_json_and_sse_are_metered_and_reach_the_client_compressed() {
     let s = stats.snapshot();
     assert_eq!((s.requests_metered, s.decode_failed), (2, 0));
 }
+
+/// A body that sends its frames, then fails.
+struct FailsAfter(VecDeque<Bytes>);
+
+impl http_body::Body for FailsAfter {
+    type Data = Bytes;
+    type Error = std::io::Error;
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        Poll::Ready(Some(match self.get_mut().0.pop_front() {
+            Some(bytes) => Ok(Frame::data(bytes)),
+            None => Err(std::io::Error::other("upstream reset")),
+        }))
+    }
+}
+
+#[tokio::test]
+async fn an_upstream_error_mid_stream_gives_one_incomplete_record_with_the_usage_so_far() {
+    let sink = MemorySink::new();
+    let layer = MeteringLayer::builder().sink(sink.clone()).build();
+    let stats = layer.stats();
+    let cut = ANTHROPIC.find("event: message_stop").unwrap();
+    let app = Router::new()
+        .route(
+            "/v1/messages",
+            post(move || async move {
+                let frames = ANTHROPIC.as_bytes()[..cut].chunks(9).map(Bytes::copy_from_slice);
+                response(
+                    Body::new(FailsAfter(frames.collect())),
+                    "text/event-stream",
+                    false,
+                )
+            }),
+        )
+        .layer(layer);
+    let base = serve(app).await;
+    let result = client()
+        .post(format!("{base}/v1/messages"))
+        .header("content-type", "application/json")
+        .body(r#"{"model":"m","user":"c1","stream":true}"#)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await;
+    assert!(result.is_err(), "the client sees the broken stream");
+    let events = sink.wait_for(4, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        tokens(&events),
+        pairs(&[
+            ("input", 20),
+            ("cache_read", 4000),
+            ("cache_write", 1500),
+            ("output", 90)
+        ])
+    );
+    assert!(events.iter().all(|e| e.data["complete"] == false));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(sink.events().len(), 4);
+    assert_eq!(stats.snapshot().responses_incomplete, 1);
+}
