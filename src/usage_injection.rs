@@ -574,6 +574,51 @@ mod tests {
         }
     }
 
+    /// Throughput figures: `cargo test --release --lib throughput -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn throughput() {
+        use std::time::Instant;
+        let delta = "data: {\"id\":\"chatcmpl-B9\",\"object\":\"chat.completion.chunk\",\"created\":1741000000,\"model\":\"gpt-4o-2024-08-06\",\"system_fingerprint\":\"fp_f9f4fb6dbf\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" token\"},\"logprobs\":null,\"finish_reason\":null}],\"usage\":null}\n\n";
+        let stream = format!(
+            "{}{CHAT_INCLUDE_USAGE}",
+            delta.repeat(64 * 1024 * 1024 / delta.len())
+        );
+        let mib = stream.len() as f64 / (1024.0 * 1024.0);
+        let frames: Vec<&[u8]> = stream.as_bytes().chunks(4096).collect();
+        let started = Instant::now();
+        let usage = run(Api::ChatCompletions, frames.iter().copied());
+        let scan = started.elapsed();
+        assert_eq!(usage.summary().usage, Some(CHAT_USAGE));
+        let started = Instant::now();
+        let mut filter = UsageChunkFilter::new(1 << 20);
+        let mut out = Vec::with_capacity(8192);
+        let mut total = 0;
+        for frame in &frames {
+            out.clear();
+            filter.feed(frame, &mut out);
+            total += out.len();
+        }
+        let filtered = started.elapsed();
+        assert!(total > 0);
+        let gz = crate::decode::tests::gzip(stream.as_bytes());
+        let started = Instant::now();
+        let mut decoder = crate::decode::Decoder::new(crate::decode::Coding::Gzip, u64::MAX).unwrap();
+        let mut decoded = 0;
+        for chunk in gz.chunks(4096) {
+            decoder.feed(chunk, &mut |p| decoded += p.len()).unwrap();
+        }
+        let decode = started.elapsed();
+        assert_eq!(decoded, stream.len());
+        let rate = |d: std::time::Duration| mib / d.as_secs_f64();
+        eprintln!(
+            "{mib:.0} MiB of chat deltas in 4 KiB frames: scan+usage {:.0} MiB/s, filter {:.0} MiB/s, gunzip {:.0} MiB/s",
+            rate(scan),
+            rate(filtered),
+            rate(decode)
+        );
+    }
+
     proptest! {
         #[test]
         fn any_split_gives_the_same_bytes(
