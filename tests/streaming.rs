@@ -597,3 +597,37 @@ async fn an_upstream_error_mid_stream_gives_one_incomplete_record_with_the_usage
     assert_eq!(sink.events().len(), 4);
     assert_eq!(stats.snapshot().responses_incomplete, 1);
 }
+
+#[tokio::test]
+async fn a_compressed_stream_cannot_be_filtered_and_says_so() {
+    let sink = MemorySink::new();
+    let layer = MeteringLayer::builder()
+        .sink(sink.clone())
+        .ensure_stream_usage(true)
+        .build();
+    let stats = layer.stats();
+    let sse_gz: &'static [u8] = Box::leak(gzip(chat_stream(true).as_bytes()).into_boxed_slice());
+    let app =
+        Router::new()
+            .route(
+                "/v1/chat/completions",
+                post(move || async move {
+                    response(Body::new(Frames::new(sse_gz, 11)), "text/event-stream", true)
+                }),
+            )
+            .layer(layer);
+    let base = serve(app).await;
+    let (_, bytes) = send(&base, "/v1/chat/completions", r#"{"user":"c1","stream":true}"#).await;
+    assert_eq!(bytes, sse_gz, "compressed bytes pass unchanged");
+    let events = sink.wait_for(3, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(tokens(&events), pairs(&CHAT_TOKENS));
+    let s = stats.snapshot();
+    assert_eq!(
+        (
+            s.stream_usage_injected,
+            s.usage_chunks_unfiltered,
+            s.usage_chunks_removed
+        ),
+        (1, 1, 0)
+    );
+}
