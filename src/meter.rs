@@ -138,12 +138,21 @@ impl Meter {
         }
         let (usage, usage_source) = match summary.usage {
             Some(usage) => (usage, UsageSource::Provider),
-            None if complete => {
+            None if complete && !self.request.stream => {
                 stats.incr(|c| &c.skipped_no_usage);
                 tracing::debug!(api = self.api.as_str(), "response reported no usage");
                 return;
             }
             None => {
+                if complete {
+                    // A finished stream without usage is billable work whose count was lost:
+                    // record it as missing rather than drop it silently.
+                    tracing::warn!(
+                        api = self.api.as_str(),
+                        "stream carried no usage (the client did not ask for \
+                         stream_options.include_usage; see ensure_stream_usage): metered as missing"
+                    );
+                }
                 stats.incr(|c| &c.usage_missing);
                 (Default::default(), UsageSource::Missing)
             }

@@ -37,7 +37,7 @@ counters! {
     skipped_not_json,
     /// Responses not metered because of their status (non-2xx by default).
     skipped_status,
-    /// Responses that parsed but reported no usage (no event).
+    /// Non-streamed responses that parsed but reported no usage (no event).
     skipped_no_usage,
     /// Responses that could not be read: not JSON or SSE, an unsupported encoding, invalid JSON.
     unparsed_response,
@@ -57,7 +57,8 @@ counters! {
     usage_anomalies,
     /// Responses that ended early (client gone, upstream error) and were metered as incomplete.
     responses_incomplete,
-    /// Responses cut before any usage arrived: metered with `usage_source: missing`.
+    /// Streams that ended (cut, or complete without a usage chunk) and responses cut short
+    /// before any usage arrived: metered with `usage_source: missing`.
     usage_missing,
     /// Requests whose response future was dropped before the inner service answered.
     requests_cancelled,

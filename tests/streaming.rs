@@ -330,7 +330,7 @@ async fn ensure_stream_usage_asks_upstream_and_hides_the_usage_chunk() {
 }
 
 #[tokio::test]
-async fn without_ensure_stream_usage_the_request_is_untouched_and_nothing_is_billed() {
+async fn without_ensure_stream_usage_the_request_is_untouched_and_the_missing_usage_is_visible() {
     let sink = MemorySink::new();
     let received = Received::default();
     let layer = MeteringLayer::builder().sink(sink.clone()).build();
@@ -340,10 +340,22 @@ async fn without_ensure_stream_usage_the_request_is_untouched_and_nothing_is_bil
     let (_, bytes) = send(&base, "/v1/chat/completions", request).await;
     assert_eq!(received.0.lock().unwrap()[0], request.as_bytes());
     assert_eq!(bytes, chat_stream(false).as_bytes());
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(sink.events().is_empty());
+    // No usage was sent, so none is invented: one zero-token event says it is missing.
+    let events = sink.wait_for(1, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].subject.as_str(), "c1");
+    assert_eq!(events[0].data["tokens"], 0);
+    assert_eq!(events[0].data["usage_source"], "missing");
+    assert_eq!(
+        events[0].data.get("complete"),
+        None,
+        "the stream itself was complete"
+    );
     let s = stats.snapshot();
-    assert_eq!((s.skipped_no_usage, s.stream_usage_injected), (1, 0));
+    assert_eq!(
+        (s.usage_missing, s.skipped_no_usage, s.stream_usage_injected),
+        (1, 0, 0)
+    );
 }
 
 /// An upstream that sends `head`, then a keep-alive comment every 10 ms until the body is
