@@ -2,11 +2,12 @@
 //! 127.0.0.1 behind the layer, a real HTTP client, the bytes the client gets and the events
 //! that reach the sink.
 
+mod support;
+
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::io::Write;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,7 @@ use bytes::Bytes;
 use http_body::Frame;
 use http_body_util::BodyExt;
 use serde_json::Value;
+use support::upstream::{Received, client, serve};
 use tower_openmeter::{CloudEvent, MemorySink, MeteringLayer};
 
 const CHAT_HEAD: &str = r#"{"id":"chatcmpl-B9","object":"chat.completion.chunk","created":1741000000,"model":"gpt-4o-2024-08-06","service_tier":"default","system_fingerprint":"fp_f9f4fb6dbf","choices":"#;
@@ -144,17 +146,6 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
     e.finish().unwrap()
 }
 
-async fn serve(app: Router) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    format!("http://{addr}")
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().build().unwrap()
-}
-
 async fn send(base: &str, path: &str, body: &str) -> (reqwest::header::HeaderMap, Bytes) {
     let response = client()
         .post(format!("{base}{path}"))
@@ -187,9 +178,6 @@ fn pairs(list: &[(&str, u64)]) -> Vec<(String, u64)> {
 
 const CHAT_TOKENS: [(&str, u64); 3] = [("input", 56), ("cache_read", 64), ("output", 40)];
 
-#[derive(Clone, Default)]
-struct Received(Arc<Mutex<Vec<Bytes>>>);
-
 /// An upstream chat API that answers as OpenAI does: with usage when the request asks for it.
 fn chat_upstream(received: Received) -> Router {
     Router::new().route(
@@ -198,7 +186,7 @@ fn chat_upstream(received: Received) -> Router {
             let received = received.clone();
             async move {
                 let bytes = request.into_body().collect().await.unwrap().to_bytes();
-                received.0.lock().unwrap().push(bytes.clone());
+                received.push(bytes.clone());
                 let json: Value = serde_json::from_slice(&bytes).unwrap();
                 let include = json["stream_options"]["include_usage"] == Value::Bool(true);
                 let stream = chat_stream(include);
@@ -306,7 +294,7 @@ async fn ensure_stream_usage_asks_upstream_and_hides_the_usage_chunk() {
         r#"{"model":"gpt-4o","user":"c1","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
     let (headers, bytes) = send(&base, "/v1/chat/completions", request).await;
     // The upstream was asked for usage, with the rest of the body kept byte for byte.
-    let sent = received.0.lock().unwrap()[0].clone();
+    let sent = received.all()[0].clone();
     assert_eq!(
         sent,
         format!(r#"{{"stream_options":{{"include_usage":true}},{}"#, &request[1..]).as_bytes()
@@ -323,7 +311,7 @@ async fn ensure_stream_usage_asks_upstream_and_hides_the_usage_chunk() {
     sink.take();
     let asked = r#"{"model":"gpt-4o","user":"c1","stream":true,"stream_options":{"include_usage":true}}"#;
     let (_, bytes) = send(&base, "/v1/chat/completions", asked).await;
-    assert_eq!(received.0.lock().unwrap()[1], asked.as_bytes());
+    assert_eq!(received.all()[1], asked.as_bytes());
     assert_eq!(bytes, chat_stream(true).as_bytes());
     assert_eq!(sink.wait_for(3, Duration::from_secs(5)).await.unwrap().len(), 3);
     assert_eq!(stats.snapshot().stream_usage_injected, 1);
@@ -338,7 +326,7 @@ async fn without_ensure_stream_usage_the_request_is_untouched_and_the_missing_us
     let base = serve(chat_upstream(received.clone()).layer(layer)).await;
     let request = r#"{"model":"gpt-4o","user":"c1","stream":true}"#;
     let (_, bytes) = send(&base, "/v1/chat/completions", request).await;
-    assert_eq!(received.0.lock().unwrap()[0], request.as_bytes());
+    assert_eq!(received.all()[0], request.as_bytes());
     assert_eq!(bytes, chat_stream(false).as_bytes());
     // No usage was sent, so none is invented: one zero-token event says it is missing.
     let events = sink.wait_for(1, Duration::from_secs(5)).await.unwrap();

@@ -31,6 +31,10 @@ impl Received {
     pub fn all(&self) -> Vec<Bytes> {
         self.0.lock().unwrap().clone()
     }
+
+    pub fn push(&self, body: Bytes) {
+        self.0.lock().unwrap().push(body);
+    }
 }
 
 pub fn json_response(body: &'static str) -> Response {
@@ -44,7 +48,7 @@ pub fn upstream(received: Received) -> Router {
         let received = received.clone();
         post(move |request: Request| async move {
             let bytes = request.into_body().collect().await.unwrap().to_bytes();
-            received.0.lock().unwrap().push(bytes);
+            received.push(bytes);
             let mut response = Response::new(Body::new(Chunked::new(body.as_bytes(), 7)));
             response
                 .headers_mut()
