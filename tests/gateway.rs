@@ -606,3 +606,96 @@ fn config_errors_name_the_variable() {
     assert_eq!(error.var, "OPENMETER_API_KEY");
     assert!(error.message.contains("OPENMETER_URL"));
 }
+
+#[tokio::test]
+async fn shutdown_stops_accepting_and_lets_in_flight_streams_finish() {
+    let controlled = Controlled::default();
+    let upstream_base = serve(upstream(controlled.clone())).await;
+    let config = config(&[("UPSTREAM_URL", &upstream_base)]).unwrap();
+    let app = proxy::app(&config, proxy::upstream_client().unwrap(), None);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gateway = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(proxy::serve(
+        listener,
+        app,
+        async move {
+            let _ = stopped.await;
+        },
+        Duration::from_secs(5),
+    ));
+
+    let mut response = client()
+        .post(format!("{gateway}/controlled/v1/chat/completions"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let tx = controlled.take().await;
+    tx.send(Bytes::from_static(SSE[0].as_bytes())).await.unwrap();
+    assert_eq!(response.chunk().await.unwrap().unwrap(), SSE[0].as_bytes());
+
+    stop.send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let refused = client()
+        .post(format!("{gateway}/v1/chat/completions"))
+        .body("{}")
+        .send()
+        .await;
+    assert!(refused.is_err(), "no new connections after shutdown: {refused:?}");
+
+    for chunk in &SSE[1..] {
+        tx.send(Bytes::from_static(chunk.as_bytes())).await.unwrap();
+    }
+    drop(tx);
+    let mut rest = Vec::new();
+    while let Some(chunk) = response.chunk().await.unwrap() {
+        rest.extend_from_slice(&chunk);
+    }
+    assert_eq!(
+        rest,
+        SSE[1..].concat().as_bytes(),
+        "the in-flight stream finished"
+    );
+    let stopped = tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stopped.unwrap(), proxy::Stopped::Drained);
+}
+
+#[tokio::test]
+async fn shutdown_drain_is_bounded() {
+    let controlled = Controlled::default();
+    let upstream_base = serve(upstream(controlled.clone())).await;
+    let config = config(&[("UPSTREAM_URL", &upstream_base)]).unwrap();
+    let app = proxy::app(&config, proxy::upstream_client().unwrap(), None);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gateway = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(proxy::serve(
+        listener,
+        app,
+        async move {
+            let _ = stopped.await;
+        },
+        Duration::from_millis(300),
+    ));
+    let mut response = client()
+        .post(format!("{gateway}/controlled/v1/chat/completions"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let tx = controlled.take().await;
+    tx.send(Bytes::from_static(SSE[0].as_bytes())).await.unwrap();
+    assert_eq!(response.chunk().await.unwrap().unwrap(), SSE[0].as_bytes());
+    stop.send(()).unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stopped.unwrap(), proxy::Stopped::DrainTimedOut);
+    // The binary then shuts its runtime down, which cuts the stream.
+    drop((tx, response));
+}

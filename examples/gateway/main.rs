@@ -61,7 +61,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(config))
+    let code = runtime.block_on(run(config));
+    // Cuts the connections a bounded drain left behind.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    code
 }
 
 async fn run(config: Config) -> ExitCode {
@@ -107,30 +110,24 @@ async fn run(config: Config) -> ExitCode {
     );
     eprintln!("listening on http://{addr}");
 
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        let _ = stop_rx.wait_for(|stop| *stop).await;
-    });
-    let mut server = tokio::spawn(async move { server.await });
-
-    let mut code = ExitCode::SUCCESS;
-    tokio::select! {
-        result = &mut server => {
-            tracing::error!(?result, "server stopped unexpectedly");
-            code = ExitCode::FAILURE;
+    let shutdown = async {
+        let signal = shutdown_signal().await;
+        tracing::info!(%signal, drain = ?DRAIN_TIMEOUT, "stopping: no new connections, finishing in-flight requests");
+    };
+    let code = match proxy::serve(listener, app, shutdown, DRAIN_TIMEOUT).await {
+        Ok(proxy::Stopped::Drained) => {
+            tracing::info!("in-flight requests finished");
+            ExitCode::SUCCESS
         }
-        signal = shutdown_signal() => {
-            tracing::info!(%signal, drain = ?DRAIN_TIMEOUT, "stopping: no new connections, finishing in-flight requests");
-            let _ = stop_tx.send(true);
-            match tokio::time::timeout(DRAIN_TIMEOUT, &mut server).await {
-                Ok(_) => tracing::info!("in-flight requests finished"),
-                Err(_) => {
-                    tracing::warn!("in-flight requests still running after {DRAIN_TIMEOUT:?}; closing them");
-                    server.abort();
-                }
-            }
+        Ok(proxy::Stopped::DrainTimedOut) => {
+            tracing::warn!("in-flight requests still running after {DRAIN_TIMEOUT:?}; cutting them");
+            ExitCode::SUCCESS
         }
-    }
+        Err(error) => {
+            tracing::error!(%error, "server stopped unexpectedly");
+            ExitCode::FAILURE
+        }
+    };
 
     match sink {
         Sink::Stdout => {

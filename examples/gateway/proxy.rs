@@ -254,6 +254,50 @@ impl Config {
     }
 }
 
+/// How serving ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// After `shutdown` resolved, every in-flight request finished within the drain timeout.
+    Drained,
+    /// Requests were still running at the drain timeout. Their connection tasks are still on
+    /// the runtime: the caller exits, and shutting the runtime down cuts them.
+    DrainTimedOut,
+}
+
+/// Serves `app` until `shutdown` resolves, then stops accepting connections, lets in-flight
+/// requests finish for up to `drain`, and returns.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    drain: Duration,
+) -> std::io::Result<Stopped> {
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = stop_rx.wait_for(|stop| *stop).await;
+    });
+    let mut server = tokio::spawn(async move { server.await });
+    tokio::select! {
+        result = &mut server => {
+            // axum's serve only ends on its own by an error or a panic.
+            return Err(match result {
+                Ok(Err(error)) => error,
+                Ok(Ok(())) => std::io::Error::other("server stopped"),
+                Err(join) => std::io::Error::other(join),
+            });
+        }
+        () = shutdown => {}
+    }
+    let _ = stop_tx.send(true);
+    match tokio::time::timeout(drain, &mut server).await {
+        Ok(_) => Ok(Stopped::Drained),
+        Err(_) => {
+            server.abort();
+            Ok(Stopped::DrainTimedOut)
+        }
+    }
+}
+
 /// What the proxy handler shares.
 #[derive(Clone, Debug)]
 struct Upstream {
