@@ -5,6 +5,7 @@
 #[allow(dead_code)]
 #[path = "../examples/gateway/proxy.rs"]
 mod proxy;
+mod support;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -35,6 +36,11 @@ const SSE: [&str; 4] = [
     "data: {\"id\":\"chatcmpl-2\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2,\"total_tokens\":11}}\n\n",
     "data: [DONE]\n\n",
 ];
+
+/// What the upstream streams when usage was not asked for.
+fn sse_without_usage() -> String {
+    [SSE[0], SSE[1], SSE[3]].concat().replace(",\"usage\":null", "")
+}
 
 /// A response body fed by the test, one frame per message.
 struct ChannelBody(mpsc::Receiver<Bytes>);
@@ -143,6 +149,20 @@ fn upstream(controlled: Controlled) -> Router {
             .body(Body::from(echo.to_string()))
             .unwrap()
     });
+    // Usage only when the request asks for it, as OpenAI does.
+    let inject = post(|request: Request| async move {
+        let body = request.into_body().collect().await.unwrap().to_bytes();
+        let request: Value = serde_json::from_slice(&body).unwrap();
+        let chunks = if request["stream_options"]["include_usage"] == true {
+            SSE.concat()
+        } else {
+            sse_without_usage()
+        };
+        Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(Body::from(chunks))
+            .unwrap()
+    });
     let sleep = post(|| async {
         tokio::time::sleep(Duration::from_secs(10)).await;
         CHAT
@@ -153,6 +173,7 @@ fn upstream(controlled: Controlled) -> Router {
         .route("/controlled/v1/chat/completions", controlled)
         .route("/gzip/v1/chat/completions", gzip)
         .route("/sleep/v1/chat/completions", sleep)
+        .route("/inject/v1/chat/completions", inject)
         .route("/echo/{*rest}", echo)
 }
 
@@ -312,8 +333,46 @@ async fn sse_passes_through_byte_identical() {
     assert_eq!(via.2, SSE.concat().as_bytes());
     assert_eq!(via.1["content-type"], "text/event-stream");
     assert_eq!(via.1["cache-control"], "no-cache");
-    // TODO(stream): once streaming metering lands, expect the usage chunk's events here:
-    // input 9 and output 2 for customer-1.
+    let events = s.sink.wait_for(2, Duration::from_secs(2)).await.unwrap();
+    let tokens: Vec<(&str, Value, Value)> = events
+        .iter()
+        .map(|e| {
+            (
+                e.subject.as_str(),
+                e.data["type"].clone(),
+                e.data["tokens"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        tokens,
+        vec![
+            ("customer-1", json!("input"), json!(9)),
+            ("customer-1", json!("output"), json!(2))
+        ]
+    );
+}
+
+#[tokio::test]
+async fn ensure_stream_usage_meters_streams_that_did_not_ask_and_the_client_sees_no_difference() {
+    let s = setup(&[("METERING_ENSURE_STREAM_USAGE", "1")]).await;
+    let request = r#"{"model":"gpt-4o","user":"customer-1","stream":true}"#;
+    let direct = send_json(format!("{}/inject/v1/chat/completions", s.upstream), request).await;
+    assert_eq!(direct.2, sse_without_usage().as_bytes());
+    let via = send_json(format!("{}/inject/v1/chat/completions", s.gateway), request).await;
+    assert_eq!(via.0, direct.0);
+    assert_eq!(via.2, direct.2, "the client gets the stream it asked for");
+    let events = s.sink.wait_for(2, Duration::from_secs(2)).await.unwrap();
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0].data["tokens"], 9);
+    assert_eq!(events[1].data["tokens"], 2);
+
+    // Off (the default): the stream is passed on as is; without usage nothing can be billed
+    // (the layer counts it as `skipped_no_usage`).
+    let s = setup(&[]).await;
+    let via = send_json(format!("{}/inject/v1/chat/completions", s.gateway), request).await;
+    assert_eq!(via.2, direct.2);
+    no_events(&s.sink).await;
 }
 
 #[tokio::test]
@@ -698,4 +757,38 @@ async fn shutdown_drain_is_bounded() {
     assert_eq!(stopped.unwrap(), proxy::Stopped::DrainTimedOut);
     // The binary then shuts its runtime down, which cuts the stream.
     drop((tx, response));
+}
+
+#[tokio::test]
+async fn openmeter_url_sends_to_openmeter_and_shutdown_flushes() {
+    let openmeter = support::FakeOpenMeter::start_with_key("om_test_key").await;
+    let controlled = Controlled::default();
+    let upstream_base = serve(upstream(controlled)).await;
+    let config = config(&[
+        ("UPSTREAM_URL", &upstream_base),
+        ("OPENMETER_URL", &openmeter.base_url()),
+        ("OPENMETER_API_KEY", "om_test_key"),
+        ("METERING_EVENT_SHAPE", "per-request"),
+    ])
+    .unwrap();
+    let sink = config.openmeter_sink().unwrap().unwrap();
+    let app = proxy::app(
+        &config,
+        proxy::upstream_client().unwrap(),
+        Some(config.metering_layer(sink.clone())),
+    );
+    let gateway = serve(app).await;
+    let (status, _, _) = send_json(
+        format!("{gateway}/v1/chat/completions"),
+        r#"{"model":"gpt-4o","user":"customer-1"}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let report = sink.shutdown(Duration::from_secs(5)).await;
+    assert!(report.is_lossless(), "{report:?}");
+    let events = openmeter.events();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["type"], "litellm_tokens");
+    assert_eq!(events[0]["subject"], "customer-1");
+    assert_eq!(events[0]["data"]["total_tokens"], 160);
 }

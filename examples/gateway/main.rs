@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use proxy::Config;
-use tower_openmeter::StdoutSink;
+use tower_openmeter::{OpenMeterSink, StdoutSink};
 use tracing_subscriber::EnvFilter;
 
 /// How long in-flight requests may take to finish after Ctrl-C or SIGTERM.
@@ -29,8 +29,7 @@ fn usage() -> String {
 /// Where the events go.
 enum Sink {
     Stdout,
-    // TODO(sink): once `OpenMeterSink` lands on main, add `OpenMeter(OpenMeterSink)` and build it
-    // from `OPENMETER_URL` / `OPENMETER_API_KEY`.
+    OpenMeter(OpenMeterSink),
 }
 
 fn main() -> ExitCode {
@@ -68,11 +67,11 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> ExitCode {
-    let sink = match &config.openmeter_url {
+    let sink = match config.openmeter_sink() {
         None => Sink::Stdout,
-        Some(url) => {
-            // TODO(sink): OpenMeterSink::builder(url).api_key(..).build() once it lands.
-            eprintln!("gateway: OPENMETER_URL={url} needs OpenMeterSink, which this build does not have yet");
+        Some(Ok(sink)) => Sink::OpenMeter(sink),
+        Some(Err(error)) => {
+            eprintln!("gateway: invalid configuration: OPENMETER_URL/OPENMETER_API_KEY: {error}");
             return ExitCode::from(2);
         }
     };
@@ -85,11 +84,8 @@ async fn run(config: Config) -> ExitCode {
     };
     let layer = config.metering.then(|| match &sink {
         Sink::Stdout => config.metering_layer(StdoutSink::new()),
+        Sink::OpenMeter(sink) => config.metering_layer(sink.clone()),
     });
-    if config.ensure_stream_usage {
-        // TODO(stream): remove once `ensure_stream_usage` is wired in `Config::metering_layer`.
-        tracing::warn!("METERING_ENSURE_STREAM_USAGE=1 is not supported by this build yet; ignored");
-    }
     let app = proxy::app(&config, client, layer);
 
     let listener = match tokio::net::TcpListener::bind(config.listen_addr).await {
@@ -102,6 +98,7 @@ async fn run(config: Config) -> ExitCode {
     let addr = listener.local_addr().unwrap_or(config.listen_addr);
     tracing::info!(
         upstream = %config.upstream_url,
+        sink = match &sink { Sink::Stdout => "stdout".to_owned(), Sink::OpenMeter(s) => s.endpoint().to_string() },
         metering = config.metering,
         shape = ?config.event_shape,
         event_type = %config.event_type,
@@ -130,10 +127,22 @@ async fn run(config: Config) -> ExitCode {
     };
 
     match sink {
-        Sink::Stdout => {
-            // StdoutSink writes synchronously: nothing to flush.
-            let _ = FLUSH_TIMEOUT;
-        } // TODO(sink): `Sink::OpenMeter(sink) => sink.shutdown(FLUSH_TIMEOUT).await`, log its report.
+        // StdoutSink writes synchronously: nothing is held.
+        Sink::Stdout => {}
+        Sink::OpenMeter(sink) => {
+            let report = sink.shutdown(FLUSH_TIMEOUT).await;
+            if report.is_lossless() {
+                tracing::info!(flushed = report.flushed, "OpenMeter sink flushed");
+            } else {
+                tracing::error!(
+                    flushed = report.flushed,
+                    undelivered = report.undelivered,
+                    timed_out = report.timed_out,
+                    stats = ?report.stats,
+                    "OpenMeter sink: events lost"
+                );
+            }
+        }
     }
     code
 }

@@ -19,7 +19,8 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use reqwest::Url;
 use serde_json::json;
-use tower_openmeter::{EventShape, EventSink, MeteringLayer, Subject};
+use tower_openmeter::sink::BuildError;
+use tower_openmeter::{EventShape, EventSink, MeteringLayer, OpenMeterSink, Subject};
 
 /// How long to wait for the upstream's response head when `UPSTREAM_TIMEOUT` is unset.
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(600);
@@ -242,15 +243,26 @@ impl Config {
             ShapeName::PerTokenType => EventShape::PerTokenType,
             ShapeName::PerRequest => EventShape::PerRequest,
         };
-        // TODO(stream): once `.ensure_stream_usage(bool)` lands on main, add
-        // `.ensure_stream_usage(self.ensure_stream_usage)` here.
         MeteringLayer::builder()
             .sink(sink)
             .source(self.source.clone())
             .event_type(self.event_type.clone())
             .event_shape(shape)
             .subject(subject)
+            .ensure_stream_usage(self.ensure_stream_usage)
             .build()
+    }
+
+    /// The OpenMeter sink `OPENMETER_URL` and `OPENMETER_API_KEY` describe, or `None` when
+    /// `OPENMETER_URL` is unset (events then go to stdout). Needs a tokio runtime.
+    pub fn openmeter_sink(&self) -> Option<Result<OpenMeterSink, BuildError>> {
+        let url = self.openmeter_url.as_ref()?;
+        let builder = OpenMeterSink::builder(url.as_str());
+        let builder = match &self.openmeter_api_key {
+            Some(key) => builder.api_key(key.clone()),
+            None => builder,
+        };
+        Some(builder.build())
     }
 }
 
