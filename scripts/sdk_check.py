@@ -36,6 +36,14 @@ def openai_stream(base):
     return [chunk.model_dump_json() for chunk in stream]
 
 
+def openai_stream_no_usage(base):
+    # Metered only with METERING_ENSURE_STREAM_USAGE=1; the client must see no difference.
+    stream = openai_client(base).chat.completions.create(
+        model="gpt-4o", user="customer-openai-no-usage", messages=[{"role": "user", "content": "hi"}],
+        stream=True)
+    return [chunk.model_dump_json() for chunk in stream]
+
+
 def anthropic_json(base):
     raw = anthropic_client(base).messages.with_raw_response.create(
         model="claude-sonnet-4-5", max_tokens=64, messages=[{"role": "user", "content": "hi"}])
@@ -51,12 +59,15 @@ def anthropic_stream(base):
 
 
 for name, call in [("openai chat.completions", openai_json), ("openai chat.completions stream", openai_stream),
+                   ("openai stream, no include_usage", openai_stream_no_usage),
                    ("anthropic messages", anthropic_json), ("anthropic messages stream", anthropic_stream)]:
     a, b = call(direct), call(gateway)
     same = a == b
     failures += not same
     detail = ""
-    if name == "openai chat.completions stream":
+    if name == "openai stream, no include_usage":
+        detail = " (%d chunks, last usage %s)" % (len(b), json.loads(b[-1]).get("usage"))
+    elif name == "openai chat.completions stream":
         detail = " (%d chunks, last usage %s)" % (len(b), json.loads(b[-1])["usage"])
     elif name == "anthropic messages stream":
         detail = " (%d events, final usage %s)" % (len(b[0]), json.loads(b[1])["usage"])

@@ -55,6 +55,8 @@ check() { # name path body [header]
 check "chat.completions" /v1/chat/completions '{"model":"gpt-4o","messages":[]}'
 check "chat.completions stream" /v1/chat/completions \
     '{"model":"gpt-4o","messages":[],"stream":true,"stream_options":{"include_usage":true}}'
+check "chat.completions stream, no include_usage" /v1/chat/completions \
+    '{"model":"gpt-4o","messages":[],"stream":true}'
 check "messages" /v1/messages '{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[]}'
 check "messages stream" /v1/messages '{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[],"stream":true}'
 check "404" /v1/nothing '{}'
