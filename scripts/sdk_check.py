@@ -37,7 +37,8 @@ def openai_stream(base):
 
 
 def openai_stream_no_usage(base):
-    # Metered only with METERING_ENSURE_STREAM_USAGE=1; the client must see no difference.
+    # Billed only with METERING_ENSURE_STREAM_USAGE=1 (else one zero-token `missing` event);
+    # the client must see no difference.
     stream = openai_client(base).chat.completions.create(
         model="gpt-4o", user="customer-openai-no-usage", messages=[{"role": "user", "content": "hi"}],
         stream=True)

@@ -72,7 +72,8 @@ import json, sys
 for line in open(sys.argv[1]):
     e = json.loads(line); d = e["data"]
     counts = d.get("tokens", {k: d[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens") if k in d})
-    print("  %-20s %-8s %-12s %-18s %s%s" % (e["subject"], e["type"], d.get("type", "-"), d["api"], counts,
-          "" if d.get("complete", True) else " (incomplete)"))
+    print("  %-24s %-8s %-12s %-18s %s%s" % (e["subject"], e["type"], d.get("type", "-"), d["api"], counts,
+          ("" if d.get("complete", True) else " (incomplete)") +
+          (" (usage missing)" if d.get("usage_source") == "missing" else "")))
 ' "$work/events.jsonl"
 exit $status

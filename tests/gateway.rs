@@ -367,12 +367,16 @@ async fn ensure_stream_usage_meters_streams_that_did_not_ask_and_the_client_sees
     assert_eq!(events[0].data["tokens"], 9);
     assert_eq!(events[1].data["tokens"], 2);
 
-    // Off (the default): the stream is passed on as is; without usage nothing can be billed
-    // (the layer counts it as `skipped_no_usage`).
+    // Off (the default): the stream is passed on as is; without usage nothing can be billed,
+    // and the loss is visible as one zero-token event with `usage_source: missing`.
     let s = setup(&[]).await;
     let via = send_json(format!("{}/inject/v1/chat/completions", s.gateway), request).await;
     assert_eq!(via.2, direct.2);
-    no_events(&s.sink).await;
+    let events = s.sink.wait_for(1, Duration::from_secs(2)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(s.sink.events().len(), 1, "{events:?}");
+    assert_eq!(events[0].data["tokens"], 0);
+    assert_eq!(events[0].data["usage_source"], "missing");
 }
 
 #[tokio::test]
