@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """A deterministic fake OpenAI- and Anthropic-compatible upstream for scripts/sdk_check.sh.
 
-Serves POST /v1/chat/completions and POST /v1/messages, JSON or SSE (`"stream": true`),
+Serves POST /v1/chat/completions, /v1/responses and /v1/messages, JSON or SSE (`"stream": true`),
+and POST /v1/embeddings,
 with fixed ids and timestamps so that responses are byte-identical from call to call.
 Listens on 127.0.0.1 on the port given as argv[1] (0: any) and prints `port N` when ready.
 Standard library only.
@@ -69,6 +70,34 @@ def message_events():
     yield ev("message_stop", {"type": "message_stop"})
 
 
+RESPONSE = {
+    "id": "resp_fake1", "object": "response", "created_at": 1730000000, "status": "completed",
+    "model": "gpt-4.1-2025-04-14", "output": [{"type": "message", "id": "msg_fake3", "status": "completed",
+                                               "role": "assistant", "content": [
+                                                   {"type": "output_text", "text": "Hello", "annotations": []}]}],
+    "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+    "usage": {"input_tokens": 300, "input_tokens_details": {"cached_tokens": 128}, "output_tokens": 50,
+              "output_tokens_details": {"reasoning_tokens": 20}, "total_tokens": 350},
+}
+
+EMBEDDINGS = {
+    "object": "list", "model": "text-embedding-3-small",
+    "data": [{"object": "embedding", "index": 0, "embedding": [0.0023, -0.0091, 0.0152]}],
+    "usage": {"prompt_tokens": 8, "total_tokens": 8},
+}
+
+
+def response_events():
+    def ev(data):
+        return "event: " + data["type"] + "\ndata: " + json.dumps(data) + "\n\n"
+    created = dict(RESPONSE, id="resp_fake2", status="in_progress", output=[], usage=None)
+    yield ev({"type": "response.created", "sequence_number": 0, "response": created})
+    yield ev({"type": "response.output_text.delta", "sequence_number": 1, "item_id": "msg_fake3",
+              "output_index": 0, "content_index": 0, "delta": "Hello", "logprobs": []})
+    done = dict(RESPONSE, id="resp_fake2")
+    yield ev({"type": "response.completed", "sequence_number": 2, "response": done})
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -114,6 +143,10 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_json(CHAT)
         elif path.endswith("/messages"):
             self.send_sse(message_events()) if stream else self.send_json(MESSAGE)
+        elif path.endswith("/responses"):
+            self.send_sse(response_events()) if stream else self.send_json(RESPONSE)
+        elif path.endswith("/embeddings"):
+            self.send_json(EMBEDDINGS)
         else:
             body = json.dumps({"error": {"message": "not found", "type": "invalid_request_error",
                                          "code": None}}).encode()

@@ -45,6 +45,23 @@ def openai_stream_no_usage(base):
     return [chunk.model_dump_json() for chunk in stream]
 
 
+def openai_responses(base):
+    raw = openai_client(base).responses.with_raw_response.create(
+        model="gpt-4.1", user="customer-openai", input="hi")
+    return raw.http_response.content, raw.parse().model_dump_json()
+
+
+def openai_responses_stream(base):
+    stream = openai_client(base).responses.create(model="gpt-4.1", user="customer-openai", input="hi", stream=True)
+    return [event.model_dump_json() for event in stream]
+
+
+def openai_embeddings(base):
+    raw = openai_client(base).embeddings.with_raw_response.create(
+        model="text-embedding-3-small", user="customer-openai", input="billing")
+    return raw.http_response.content, raw.parse().model_dump_json()
+
+
 def anthropic_json(base):
     raw = anthropic_client(base).messages.with_raw_response.create(
         model="claude-sonnet-4-5", max_tokens=64, messages=[{"role": "user", "content": "hi"}])
@@ -61,6 +78,8 @@ def anthropic_stream(base):
 
 for name, call in [("openai chat.completions", openai_json), ("openai chat.completions stream", openai_stream),
                    ("openai stream, no include_usage", openai_stream_no_usage),
+                   ("openai responses", openai_responses), ("openai responses stream", openai_responses_stream),
+                   ("openai embeddings", openai_embeddings),
                    ("anthropic messages", anthropic_json), ("anthropic messages stream", anthropic_stream)]:
     a, b = call(direct), call(gateway)
     same = a == b
@@ -70,6 +89,8 @@ for name, call in [("openai chat.completions", openai_json), ("openai chat.compl
         detail = " (%d chunks, last usage %s)" % (len(b), json.loads(b[-1]).get("usage"))
     elif name == "openai chat.completions stream":
         detail = " (%d chunks, last usage %s)" % (len(b), json.loads(b[-1])["usage"])
+    elif name == "openai responses stream":
+        detail = " (%d events, final usage %s)" % (len(b), json.loads(b[-1])["response"]["usage"])
     elif name == "anthropic messages stream":
         detail = " (%d events, final usage %s)" % (len(b[0]), json.loads(b[1])["usage"])
     else:
