@@ -47,6 +47,9 @@ mod usage;
 mod usage_injection;
 
 pub mod sink;
+#[cfg(feature = "spool")]
+#[cfg_attr(docsrs, doc(cfg(feature = "spool")))]
+pub mod spool;
 
 #[cfg(test)]
 mod test_support;
