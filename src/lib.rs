@@ -46,6 +46,9 @@ mod subject;
 mod usage;
 mod usage_injection;
 
+#[doc(hidden)]
+#[path = "fuzz.rs"]
+pub mod __fuzz;
 pub mod sink;
 #[cfg(feature = "spool")]
 #[cfg_attr(docsrs, doc(cfg(feature = "spool")))]
