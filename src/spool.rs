@@ -51,7 +51,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 /// The file inside the spool directory.
 pub const SPOOL_FILE_NAME: &str = "events.redb";
@@ -391,8 +391,13 @@ impl Spool {
         Ok(out)
     }
 
-    /// Removes the events with these keys in one durable transaction; keys not present
-    /// (already removed or evicted) are skipped. Returns how many were removed.
+    /// Removes the events with these keys in one transaction; keys not present (already
+    /// removed or evicted) are skipped. Returns how many were removed.
+    ///
+    /// The removal is not flushed to disk on its own (no `fsync`): it becomes durable with the
+    /// next [`append`](Self::append). After a crash in between,
+    /// removed events can reappear; redelivered with their original ids, they are deduplicated
+    /// by OpenMeter.
     ///
     /// # Errors
     ///
@@ -408,7 +413,11 @@ impl Spool {
         let mut guard = self.meta.lock().unwrap_or_else(PoisonError::into_inner);
         let mut meta = *guard;
         let mut removed = 0;
-        let txn = self.db.begin_write().map_err(store_error)?;
+        let mut txn = self.db.begin_write().map_err(store_error)?;
+        // A removal needs no fsync of its own: it becomes durable with the next append. A crash
+        // before that brings settled events back, and they are posted again with their ids,
+        // which OpenMeter deduplicates.
+        txn.set_durability(Durability::Eventual);
         {
             let mut table = txn.open_table(EVENTS).map_err(store_error)?;
             for key in keys {
@@ -603,8 +612,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = open(dir.path(), 1 << 20, OverflowPolicy::DropNewest);
         spool.append(["one", "two"]).unwrap();
-        spool.append(["three"]).unwrap();
         spool.remove([0]).unwrap();
+        // The removal becomes durable with this append.
+        spool.append(["three"]).unwrap();
         // Leak the handle, as a crash would: nothing is flushed on drop beyond the commits.
         std::mem::forget(spool);
         // redb's file lock belongs to the leaked handle's file; a fresh process would get it.

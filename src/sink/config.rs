@@ -36,6 +36,9 @@ pub(crate) struct Settings {
     pub(crate) max_retry_elapsed: Duration,
     pub(crate) backoff: BackoffConfig,
     pub(crate) client: Option<reqwest::Client>,
+    /// The durable spool, when configured (feature `spool`).
+    #[cfg(feature = "spool")]
+    pub(crate) spool: Option<crate::spool::SpoolConfig>,
 }
 
 impl Settings {
@@ -52,6 +55,8 @@ impl Settings {
             max_retry_elapsed: DEFAULT_MAX_RETRY_ELAPSED,
             backoff: BackoffConfig::default(),
             client: None,
+            #[cfg(feature = "spool")]
+            spool: None,
         }
     }
 
@@ -95,8 +100,8 @@ impl Settings {
 
 impl fmt::Debug for Settings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Settings")
-            .field("endpoint", &self.endpoint)
+        let mut f = f.debug_struct("Settings");
+        f.field("endpoint", &self.endpoint)
             .field("api_key", &self.bearer_token.as_ref().map(|_| Redacted))
             .field("batch_size", &self.batch_size)
             .field("flush_interval", &self.flush_interval)
@@ -105,8 +110,10 @@ impl fmt::Debug for Settings {
             .field("request_timeout", &self.request_timeout)
             .field("max_retry_elapsed", &self.max_retry_elapsed)
             .field("backoff", &self.backoff)
-            .field("custom_client", &self.client.is_some())
-            .finish()
+            .field("custom_client", &self.client.is_some());
+        #[cfg(feature = "spool")]
+        f.field("spool", &self.spool);
+        f.finish()
     }
 }
 
@@ -142,6 +149,9 @@ pub enum BuildError {
     },
     /// The HTTP client could not be created (for instance, no TLS backend).
     Client(reqwest::Error),
+    /// The spool could not be opened (feature `spool`).
+    #[cfg(feature = "spool")]
+    Spool(crate::spool::SpoolError),
 }
 
 impl fmt::Display for BuildError {
@@ -154,6 +164,8 @@ impl fmt::Display for BuildError {
             BuildError::InvalidApiKey => f.write_str("the API key is not a valid header value"),
             BuildError::InvalidEnv { var } => write!(f, "{var} is not valid Unicode"),
             BuildError::Client(error) => write!(f, "cannot create the HTTP client: {error}"),
+            #[cfg(feature = "spool")]
+            BuildError::Spool(error) => write!(f, "cannot open the spool: {error}"),
         }
     }
 }
@@ -162,6 +174,8 @@ impl std::error::Error for BuildError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             BuildError::Client(error) => Some(error),
+            #[cfg(feature = "spool")]
+            BuildError::Spool(error) => Some(error),
             _ => None,
         }
     }

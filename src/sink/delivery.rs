@@ -159,7 +159,7 @@ impl Delivery {
     }
 
     /// One POST of the batch.
-    async fn attempt(&self, body: &Bytes) -> Outcome {
+    pub(crate) async fn attempt(&self, body: &Bytes) -> Outcome {
         let mut request = self
             .client
             .post(self.endpoint.clone())
@@ -175,7 +175,7 @@ impl Delivery {
         }
     }
 
-    fn log_rejection(&self, status: StatusCode, detail: &str, events: u64) {
+    pub(crate) fn log_rejection(&self, status: StatusCode, detail: &str, events: u64) {
         self.counters
             .set_last_error(format!("HTTP {}: {detail}", status.as_u16()));
         let auth = status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN;

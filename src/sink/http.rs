@@ -237,6 +237,19 @@ impl HttpSinkBuilder {
         self
     }
 
+    /// Spools events on disk between the queue and delivery (feature `spool`), so that a
+    /// crash, a restart or a long outage loses no committed event. See
+    /// [`SpoolConfig`](crate::spool::SpoolConfig) for the pipeline and its exact guarantee.
+    /// With a spool, a failing batch is retried until it is delivered (it is not dropped after
+    /// [`max_retry_elapsed`](Self::max_retry_elapsed)); the spool's byte bound limits what an
+    /// outage can pile up.
+    #[cfg(feature = "spool")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "spool")))]
+    pub fn spool(mut self, config: crate::spool::SpoolConfig) -> Self {
+        self.settings.spool = Some(config);
+        self
+    }
+
     /// How long a failing batch is retried before it is dropped and counted (default 15 min).
     pub fn max_retry_elapsed(mut self, elapsed: Duration) -> Self {
         self.settings.max_retry_elapsed = elapsed;
@@ -283,6 +296,23 @@ impl HttpSinkBuilder {
         };
         let (queue, receiver) = mpsc::channel(settings.queue_capacity);
         let (control, listener) = shutdown::channel();
+        #[cfg(feature = "spool")]
+        if let Some(config) = &settings.spool {
+            let pipeline =
+                super::spooled::Pipeline::open(config, receiver, Arc::new(delivery), &settings, listener)?;
+            pipeline.spawn(&runtime);
+            return Ok(HttpSink {
+                shared: Arc::new(Shared {
+                    name: settings.name,
+                    endpoint,
+                    queue,
+                    counters,
+                    shutdown: control,
+                    drop_log: LogThrottle::new(DROP_LOG_PERIOD),
+                    settings,
+                }),
+            });
+        }
         let batcher = Batcher {
             queue: receiver,
             delivery: Arc::new(delivery),

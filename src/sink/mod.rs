@@ -15,6 +15,8 @@ mod openmeter;
 mod outcome;
 mod retry;
 mod shutdown;
+#[cfg(feature = "spool")]
+mod spooled;
 mod stats;
 mod stdout;
 mod throttle;

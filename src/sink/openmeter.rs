@@ -194,6 +194,33 @@ impl OpenMeterSinkBuilder {
         }
     }
 
+    /// Spools events on disk between the queue and delivery (feature `spool`): what was
+    /// committed survives a crash and is delivered first on the next start, with its original
+    /// ids. See [`HttpSinkBuilder::spool`] and [`SpoolConfig`](crate::spool::SpoolConfig).
+    ///
+    /// ```
+    /// use tower_openmeter::OpenMeterSink;
+    /// use tower_openmeter::spool::SpoolConfig;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower_openmeter::sink::BuildError> {
+    /// # let dir = std::env::temp_dir().join(format!("om-spool-doc-{}", std::process::id()));
+    /// let sink = OpenMeterSink::builder("http://127.0.0.1:8888")
+    ///     .spool(SpoolConfig::new(&dir).max_bytes(256 << 20))
+    ///     .build()?;
+    /// # drop(sink);
+    /// # std::fs::remove_dir_all(&dir).ok();
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(feature = "spool")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "spool")))]
+    pub fn spool(self, config: crate::spool::SpoolConfig) -> Self {
+        OpenMeterSinkBuilder {
+            inner: self.inner.spool(config),
+        }
+    }
+
     /// Builds the sink and starts its background task on the current tokio runtime.
     ///
     /// # Errors

@@ -9,7 +9,8 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 /// [`OpenMeterSink::stats`].
 ///
 /// Every event handed to the sink ends in exactly one of `delivered`, `rejected` or one of the
-/// `dropped_*` counters, or is still `queued` or `in_flight`.
+/// `dropped_*` counters, or is still `queued`, `in_flight` or (with a spool) `spooled`.
+/// Events left in a spool by a previous run are counted in `spooled` when the sink starts.
 ///
 /// [`HttpSink::stats`]: super::HttpSink::stats
 /// [`OpenMeterSink::stats`]: super::OpenMeterSink::stats
@@ -40,6 +41,14 @@ pub struct SinkStats {
     pub dropped_unserializable: u64,
     /// The last failure seen (a retryable error or a rejection), if any.
     pub last_error: Option<String>,
+    /// Events committed to the disk spool and not settled yet, those being sent included
+    /// (feature `spool`; always 0 without a spool). They survive a crash or a restart. With a
+    /// spool, `in_flight` counts only the events between the queue and their group commit.
+    pub spooled: u64,
+    /// The bytes of event JSON in the spool, those being sent included (feature `spool`).
+    pub spool_bytes: u64,
+    /// Events dropped because the spool was full (its `max_bytes`), by its overflow policy.
+    pub dropped_spool_full: u64,
 }
 
 impl SinkStats {
@@ -49,6 +58,7 @@ impl SinkStats {
             + self.dropped_retry_exhausted
             + self.dropped_shutdown
             + self.dropped_unserializable
+            + self.dropped_spool_full
     }
 
     /// Events that will never be delivered: rejected or dropped.
@@ -64,6 +74,8 @@ pub(crate) enum DropReason {
     RetryExhausted,
     Shutdown,
     Unserializable,
+    #[cfg_attr(not(feature = "spool"), allow(dead_code))]
+    SpoolFull,
 }
 
 impl DropReason {
@@ -74,6 +86,7 @@ impl DropReason {
             DropReason::RetryExhausted => "retry_exhausted",
             DropReason::Shutdown => "shutdown",
             DropReason::Unserializable => "unserializable",
+            DropReason::SpoolFull => "spool_full",
         }
     }
 }
@@ -90,6 +103,9 @@ pub(crate) struct Counters {
     dropped_retry_exhausted: AtomicU64,
     dropped_shutdown: AtomicU64,
     dropped_unserializable: AtomicU64,
+    dropped_spool_full: AtomicU64,
+    spooled: AtomicU64,
+    spool_bytes: AtomicU64,
     rejected_by_status: Mutex<BTreeMap<u16, u64>>,
     last_error: Mutex<Option<String>>,
 }
@@ -110,6 +126,9 @@ impl Counters {
             dropped_shutdown: load(&self.dropped_shutdown),
             dropped_unserializable: load(&self.dropped_unserializable),
             last_error: lock(&self.last_error).clone(),
+            spooled: load(&self.spooled),
+            spool_bytes: load(&self.spool_bytes),
+            dropped_spool_full: load(&self.dropped_spool_full),
         }
     }
 
@@ -170,6 +189,7 @@ impl Counters {
             DropReason::RetryExhausted => &self.dropped_retry_exhausted,
             DropReason::Shutdown => &self.dropped_shutdown,
             DropReason::Unserializable => &self.dropped_unserializable,
+            DropReason::SpoolFull => &self.dropped_spool_full,
         };
         counter.fetch_add(events, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
@@ -182,6 +202,25 @@ impl Counters {
         self.retries.fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
         metrics::counter!("openmeter_sink_retries_total").increment(1);
+    }
+
+    /// Events left the memory for the spool (feature `spool`): no longer in flight, not
+    /// settled either.
+    #[cfg(feature = "spool")]
+    pub(crate) fn unsettled_to_spool(&self, events: u64) {
+        self.settled(events);
+    }
+
+    /// Publishes the spool's waiting events and bytes (feature `spool`).
+    #[cfg(feature = "spool")]
+    pub(crate) fn publish_spool(&self, waiting: u64, bytes: u64) {
+        self.spooled.store(waiting, Ordering::Relaxed);
+        self.spool_bytes.store(bytes, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        {
+            metrics::gauge!("openmeter_sink_spooled_events").set(waiting as f64);
+            metrics::gauge!("openmeter_sink_spool_bytes").set(bytes as f64);
+        }
     }
 
     pub(crate) fn set_last_error(&self, error: String) {

@@ -1,0 +1,520 @@
+//! The spooled pipeline of an HTTP sink (feature `spool`): the bounded queue → group commits to
+//! the disk [`Spool`] → batches read back from the spool → POST → removed once settled.
+//!
+//! Two loops share the spool. The **writer** takes events from the queue, waits at most
+//! `commit_interval` (or until `commit_max_events`) for more, serializes them and appends them
+//! in one transaction on a blocking thread. The **reader** reads batches in key order (the
+//! leftovers of a previous run come first), hands each to a delivery task (at most
+//! `max_in_flight`), and each task posts the exact stored bytes until OpenMeter settles them:
+//! 2xx removes them (delivered), a non-retryable status removes them (rejected, counted), and
+//! anything else is retried with backoff, without a time limit: the spool's byte bound, not a
+//! retry clock, limits what an outage can pile up. At the shutdown deadline whatever is not
+//! settled stays in the spool for the next start; nothing committed is dropped by a shutdown.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::sleep_until;
+
+use super::config::{BuildError, Settings};
+use super::delivery::Delivery;
+use super::outcome::Outcome;
+use super::retry::{Backoff, BackoffConfig};
+use super::shutdown::{ShutdownListener, ShutdownReport};
+use super::stats::{Counters, DropReason};
+use super::throttle::LogThrottle;
+use crate::CloudEvent;
+use crate::spool::{Spool, SpoolConfig, Spooled};
+
+/// The backoff of a failing spool write (disk full, I/O error).
+const WRITE_BACKOFF: BackoffConfig = BackoffConfig {
+    base: Duration::from_millis(50),
+    max: Duration::from_secs(5),
+};
+
+/// What the writer, the reader and the delivery tasks share.
+struct State {
+    spool: Spool,
+    counters: Arc<Counters>,
+    /// Events read for delivery and not removed yet.
+    posting: AtomicU64,
+    /// Signalled after each commit, and when the writer is done.
+    changed: Notify,
+    /// The queue is closed and drained: nothing more will be committed.
+    writer_done: AtomicBool,
+    /// Spool faults and overflows are logged at most this often.
+    log: LogThrottle,
+}
+
+impl State {
+    /// Events in the spool that no task is delivering.
+    fn waiting(&self) -> u64 {
+        self.spool
+            .len()
+            .saturating_sub(self.posting.load(Ordering::Relaxed))
+    }
+
+    fn publish(&self) {
+        self.counters.publish_spool(self.spool.len(), self.spool.bytes());
+    }
+}
+
+/// The spooled pipeline, ready to run.
+pub(crate) struct Pipeline {
+    queue: mpsc::Receiver<CloudEvent>,
+    delivery: Arc<Delivery>,
+    state: Arc<State>,
+    commit_interval: Duration,
+    commit_max_events: usize,
+    batch_size: usize,
+    flush_interval: Duration,
+    max_in_flight: usize,
+    shutdown: ShutdownListener,
+}
+
+impl Pipeline {
+    /// Opens the spool (blocking file I/O, once, while the sink is built).
+    pub(crate) fn open(
+        config: &SpoolConfig,
+        queue: mpsc::Receiver<CloudEvent>,
+        delivery: Arc<Delivery>,
+        settings: &Settings,
+        shutdown: ShutdownListener,
+    ) -> Result<Self, BuildError> {
+        let spool = Spool::open(&config.dir, config.max_bytes, config.policy).map_err(BuildError::Spool)?;
+        if !spool.is_empty() {
+            tracing::info!(
+                sink = delivery.name,
+                events = spool.len(),
+                bytes = spool.bytes(),
+                path = %spool.path().display(),
+                "spool holds events from a previous run: delivering them first"
+            );
+        }
+        let state = Arc::new(State {
+            spool,
+            counters: Arc::clone(&delivery.counters),
+            posting: AtomicU64::new(0),
+            changed: Notify::new(),
+            writer_done: AtomicBool::new(false),
+            log: LogThrottle::new(Duration::from_secs(10)),
+        });
+        state.publish();
+        Ok(Pipeline {
+            queue,
+            delivery,
+            state,
+            commit_interval: config.commit_interval,
+            commit_max_events: config.commit_max_events.max(1),
+            batch_size: settings.batch_size.max(1),
+            flush_interval: settings.flush_interval,
+            max_in_flight: settings.max_in_flight.max(1),
+            shutdown,
+        })
+    }
+
+    /// Starts the writer and the reader.
+    pub(crate) fn spawn(self, runtime: &tokio::runtime::Handle) {
+        let writer = Writer {
+            queue: self.queue,
+            state: Arc::clone(&self.state),
+            interval: self.commit_interval,
+            max_events: self.commit_max_events,
+            deadline: self.shutdown.deadline.clone(),
+        };
+        runtime.spawn(writer.run());
+        let reader = Reader {
+            delivery: self.delivery,
+            state: self.state,
+            batch_size: self.batch_size,
+            flush_interval: self.flush_interval,
+            max_in_flight: self.max_in_flight,
+            shutdown: self.shutdown,
+        };
+        runtime.spawn(reader.run());
+    }
+}
+
+/// Moves events from the queue to the spool in group commits.
+struct Writer {
+    queue: mpsc::Receiver<CloudEvent>,
+    state: Arc<State>,
+    interval: Duration,
+    max_events: usize,
+    deadline: watch::Receiver<Option<Instant>>,
+}
+
+impl Writer {
+    async fn run(mut self) {
+        let mut batch: Vec<CloudEvent> = Vec::with_capacity(self.max_events);
+        let mut control_open = true;
+        loop {
+            if self.deadline.borrow_and_update().is_some() {
+                // Shutting down: take no more, commit everything queued.
+                self.queue.close();
+            }
+            tokio::select! {
+                received = self.queue.recv_many(&mut batch, self.max_events) => {
+                    if received == 0 {
+                        break;
+                    }
+                    self.state.counters.taken(received as u64);
+                }
+                changed = self.deadline.changed(), if control_open => {
+                    if changed.is_err() {
+                        control_open = false;
+                    }
+                    continue;
+                }
+            }
+            // Group commit: wait up to the interval for more, unless the group is full.
+            let until = tokio::time::Instant::now() + self.interval;
+            while batch.len() < self.max_events {
+                let room = self.max_events - batch.len();
+                tokio::select! {
+                    biased;
+                    received = self.queue.recv_many(&mut batch, room) => {
+                        if received == 0 {
+                            break;
+                        }
+                        self.state.counters.taken(received as u64);
+                    }
+                    () = tokio::time::sleep_until(until) => break,
+                }
+            }
+            let events = std::mem::replace(&mut batch, Vec::with_capacity(self.max_events));
+            self.commit(events).await;
+        }
+        self.state.writer_done.store(true, Ordering::Release);
+        self.state.changed.notify_one();
+    }
+
+    /// Serializes and appends one group, retrying a failing disk until it works or the
+    /// shutdown deadline passes.
+    async fn commit(&self, events: Vec<CloudEvent>) {
+        let counters = &self.state.counters;
+        let mut jsons = Vec::with_capacity(events.len());
+        for event in &events {
+            match serde_json::to_vec(event) {
+                Ok(json) => jsons.push(json),
+                Err(error) => {
+                    counters.record_dropped(DropReason::Unserializable, 1, true);
+                    tracing::error!(%error, id = %event.id, "event cannot be serialized; dropped");
+                }
+            }
+        }
+        drop(events);
+        let mut backoff = Backoff::new(WRITE_BACKOFF);
+        loop {
+            let state = Arc::clone(&self.state);
+            let count = jsons.len() as u64;
+            let group = jsons;
+            let written = tokio::task::spawn_blocking(move || {
+                let result = state.spool.append(&group);
+                (group, result)
+            })
+            .await;
+            let error = match written {
+                Ok((_, Ok(appended))) => {
+                    counters.unsettled_to_spool(appended.committed);
+                    if appended.dropped_newest > 0 {
+                        counters.record_dropped(DropReason::SpoolFull, appended.dropped_newest, true);
+                    }
+                    if appended.evicted_oldest > 0 {
+                        counters.record_dropped(DropReason::SpoolFull, appended.evicted_oldest, false);
+                    }
+                    if (appended.dropped_newest > 0 || appended.evicted_oldest > 0) && self.state.log.allow()
+                    {
+                        tracing::warn!(
+                            dropped_newest = appended.dropped_newest,
+                            evicted_oldest = appended.evicted_oldest,
+                            max_bytes = self.state.spool.max_bytes(),
+                            "spool full: events dropped (logged at most every 10 s)"
+                        );
+                    }
+                    self.state.publish();
+                    self.state.changed.notify_one();
+                    return;
+                }
+                Ok((group, Err(error))) => {
+                    jsons = group;
+                    error.to_string()
+                }
+                Err(error) => {
+                    // The blocking task panicked or the runtime is shutting down: the group
+                    // is gone.
+                    counters.record_dropped(DropReason::Shutdown, count, true);
+                    tracing::error!(%error, events = count, "spool write task failed; its events are lost");
+                    return;
+                }
+            };
+            counters.set_last_error(format!("spool write failed: {error}"));
+            let wait = backoff.next_wait().max(Duration::from_millis(10));
+            let deadline = *self.deadline.borrow();
+            if deadline.is_some_and(|d| Instant::now() + wait > d) {
+                counters.record_dropped(DropReason::Shutdown, jsons.len() as u64, true);
+                tracing::error!(
+                    events = jsons.len(), %error,
+                    "spool write still failing at the shutdown deadline: events dropped"
+                );
+                return;
+            }
+            if self.state.log.allow() {
+                tracing::error!(
+                    events = jsons.len(), %error, ?wait,
+                    "spool write failed; will retry (the queue fills meanwhile; logged at most every 10 s)"
+                );
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// Reads batches from the spool and runs their deliveries.
+struct Reader {
+    delivery: Arc<Delivery>,
+    state: Arc<State>,
+    batch_size: usize,
+    flush_interval: Duration,
+    max_in_flight: usize,
+    shutdown: ShutdownListener,
+}
+
+impl Reader {
+    async fn run(mut self) {
+        let permits = Arc::new(Semaphore::new(self.max_in_flight));
+        let mut tasks = JoinSet::new();
+        let mut after: Option<u64> = None;
+        // Leftovers of a previous run go at once, without waiting to fill a batch.
+        let mut backlog = !self.state.spool.is_empty();
+        let mut linger_until: Option<Instant> = None;
+        let mut stopping: Option<(Instant, u64, u64)> = None;
+        let mut control_open = true;
+        let far = Instant::now() + Duration::from_secs(86_400 * 365);
+        let counters = Arc::clone(&self.state.counters);
+        loop {
+            let now = Instant::now();
+            let waiting = self.state.waiting();
+            let writer_done = self.state.writer_done.load(Ordering::Acquire);
+            if waiting == 0 && writer_done && tasks.is_empty() {
+                break;
+            }
+            if stopping.is_some_and(|(deadline, ..)| now >= deadline) {
+                // Unsettled batches go back to waiting in the spool.
+                tasks.abort_all();
+                while tasks.join_next().await.is_some() {}
+                break;
+            }
+            if waiting == 0 {
+                linger_until = None;
+            } else if linger_until.is_none() {
+                linger_until = Some(now + self.flush_interval);
+            }
+            let ready = waiting > 0
+                && (waiting >= self.batch_size as u64
+                    || backlog
+                    || writer_done
+                    || stopping.is_some()
+                    || linger_until.is_some_and(|t| now >= t));
+            tokio::select! {
+                biased;
+                () = sleep_until(stopping.map_or(far, |s| s.0).into()), if stopping.is_some() => {}
+                changed = self.shutdown.deadline.changed(), if control_open && stopping.is_none() => {
+                    match changed {
+                        Ok(()) => {
+                            if let Some(deadline) = *self.shutdown.deadline.borrow_and_update() {
+                                stopping = Some((deadline, counters.delivered(), counters.dropped_shutdown()));
+                                tracing::info!(sink = self.delivery.name, "shutting down: committing queued events and delivering the spool");
+                            }
+                        }
+                        Err(_) => control_open = false,
+                    }
+                }
+                Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                    if let Err(error) = joined {
+                        tracing::error!(sink = self.delivery.name, %error, "delivery task failed");
+                    }
+                }
+                Ok(permit) = Arc::clone(&permits).acquire_owned(), if ready => {
+                    let state = Arc::clone(&self.state);
+                    let n = self.batch_size;
+                    let read = tokio::task::spawn_blocking(move || state.spool.read_after(after, n)).await;
+                    match read {
+                        Ok(Ok(batch)) if !batch.is_empty() => {
+                            if batch.len() < self.batch_size {
+                                backlog = false;
+                            }
+                            after = batch.last().map(|e| e.key);
+                            let events = batch.len() as u64;
+                            self.state.posting.fetch_add(events, Ordering::Relaxed);
+                            linger_until = None;
+                            let posting = Posting { state: Arc::clone(&self.state), events, done: false };
+                            let deadline = self.shutdown.deadline.clone();
+                            tasks.spawn(deliver(Arc::clone(&self.delivery), posting, batch, deadline, permit));
+                        }
+                        Ok(Ok(_)) => {
+                            // The counts ran ahead of the reads; wait for the next change.
+                            backlog = false;
+                            let _ = tokio::time::timeout(Duration::from_millis(50), self.state.changed.notified()).await;
+                        }
+                        Ok(Err(error)) => {
+                            if self.state.log.allow() {
+                                tracing::error!(%error, "spool read failed; will retry (logged at most every 10 s)");
+                            }
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        Err(error) => {
+                            tracing::error!(%error, "spool read task failed");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                }
+                () = self.state.changed.notified() => {}
+                () = sleep_until(linger_until.unwrap_or(far).into()), if linger_until.is_some() && !ready => {}
+            }
+        }
+        self.state.publish();
+        self.report(stopping);
+    }
+
+    fn report(&self, stopping: Option<(Instant, u64, u64)>) {
+        let counters = &self.state.counters;
+        let stats = counters.snapshot(0);
+        let Some((deadline, delivered_before, dropped_before)) = stopping else {
+            tracing::debug!(
+                sink = self.delivery.name,
+                ?stats,
+                "all handles dropped; spooled sink done"
+            );
+            return;
+        };
+        let report = ShutdownReport {
+            flushed: stats.delivered - delivered_before,
+            undelivered: stats.dropped_shutdown - dropped_before,
+            timed_out: Instant::now() >= deadline,
+            stats,
+        };
+        if report.stats.spooled > 0 {
+            tracing::warn!(
+                sink = self.delivery.name,
+                flushed = report.flushed,
+                spooled = report.stats.spooled,
+                "shut down with events left in the spool: they are delivered on the next start"
+            );
+        } else {
+            tracing::info!(
+                sink = self.delivery.name,
+                flushed = report.flushed,
+                "shut down; spool empty"
+            );
+        }
+        let _ = self.shutdown.report.send(Some(report));
+    }
+}
+
+/// A batch being delivered. Dropped unsettled (shutdown deadline, abort), its events stay in
+/// the spool for the next start: not lost, not counted as dropped.
+struct Posting {
+    state: Arc<State>,
+    events: u64,
+    done: bool,
+}
+
+impl Posting {
+    /// Removes the batch from the spool once settled. A failed removal only means a
+    /// redelivery after the next start, which OpenMeter deduplicates.
+    async fn remove(&mut self, keys: Vec<u64>) {
+        let state = Arc::clone(&self.state);
+        let removed = tokio::task::spawn_blocking(move || state.spool.remove(keys)).await;
+        match removed {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::error!(
+                %error, "settled events could not be removed from the spool; they will be posted again after a restart (deduplicated)"
+            ),
+            Err(error) => tracing::error!(%error, "spool remove task failed"),
+        }
+        self.state.posting.fetch_sub(self.events, Ordering::Relaxed);
+        self.done = true;
+    }
+}
+
+impl Drop for Posting {
+    fn drop(&mut self) {
+        if !self.done {
+            self.state.posting.fetch_sub(self.events, Ordering::Relaxed);
+        }
+        self.state.publish();
+        self.state.changed.notify_one();
+    }
+}
+
+/// Posts one spooled batch until it is settled or the shutdown deadline stops it.
+async fn deliver(
+    delivery: Arc<Delivery>,
+    mut posting: Posting,
+    batch: Vec<Spooled>,
+    mut shutdown: watch::Receiver<Option<Instant>>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let events = posting.events;
+    let size = batch.iter().map(|e| e.json.len() + 1).sum::<usize>() + 2;
+    let mut body = Vec::with_capacity(size);
+    body.push(b'[');
+    let mut keys = Vec::with_capacity(batch.len());
+    for (i, event) in batch.into_iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(&event.json);
+        keys.push(event.key);
+    }
+    body.push(b']');
+    let body = Bytes::from(body);
+    let counters = Arc::clone(&delivery.counters);
+    let mut backoff = Backoff::new(delivery.backoff);
+    loop {
+        let (reason, after) = match delivery.attempt(&body).await {
+            Outcome::Delivered => {
+                posting.remove(keys).await;
+                // Spooled events are not in flight; `record_*` settle in-flight ones.
+                counters.taken(events);
+                counters.record_delivered(events);
+                tracing::debug!(sink = delivery.name, events, "spooled batch delivered");
+                return;
+            }
+            Outcome::Rejected { status, detail } => {
+                delivery.log_rejection(status, &detail, events);
+                posting.remove(keys).await;
+                counters.taken(events);
+                counters.record_rejected(status.as_u16(), events);
+                return;
+            }
+            Outcome::Retry { reason, after } => (reason, after),
+        };
+        counters.set_last_error(reason.clone());
+        let wait = after.unwrap_or_else(|| backoff.next_wait());
+        let deadline = *shutdown.borrow();
+        if deadline.is_some_and(|d| Instant::now() + wait > d) {
+            tracing::warn!(
+                sink = delivery.name, events, error = %reason,
+                "batch left in the spool: the next retry would pass the shutdown deadline"
+            );
+            return;
+        }
+        tracing::warn!(sink = delivery.name, events, error = %reason, ?wait, "spooled batch failed; will retry");
+        if after.is_some() || deadline.is_some() {
+            tokio::time::sleep(wait).await;
+        } else {
+            // A shutdown that begins during our own backoff cuts it short: one more attempt.
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                _ = shutdown.wait_for(Option::is_some) => {}
+            }
+        }
+        counters.record_retry();
+    }
+}
