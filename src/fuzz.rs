@@ -9,7 +9,10 @@ use std::time::SystemTime;
 
 use http::{HeaderValue, Request};
 
-use crate::usage::parse_json_response;
+use crate::sse::{SseEvent, SseScanner};
+use crate::stream_usage::StreamUsage;
+use crate::usage::{ResponseSummary, parse_json_response};
+use crate::usage_injection::{UsageChunkFilter, request_with_include_usage};
 use crate::{Api, CloudEvent, RequestFields, Subject, UsageRecord, UsageSource};
 
 /// The largest subject the fuzz entry points accept, as the layer's default.
@@ -100,4 +103,93 @@ fn check_usage_events(api: Api, usage: crate::Usage, model: Option<String>) {
         }
     }
     assert_eq!(sum, usage.total(), "the per-type events partition the total");
+}
+
+/// Splits `data` into chunks whose sizes cycle through the bytes of `sizes` (1 to 64 bytes).
+fn chunks<'a>(data: &'a [u8], sizes: &[u8]) -> Vec<&'a [u8]> {
+    let mut out = Vec::new();
+    let mut rest = data;
+    let mut i = 0;
+    while !rest.is_empty() {
+        let size = sizes
+            .get(i % sizes.len().max(1))
+            .map_or(7, |&b| usize::from(b % 64) + 1);
+        let (chunk, tail) = rest.split_at(size.min(rest.len()));
+        out.push(chunk);
+        rest = tail;
+        i += 1;
+    }
+    out
+}
+
+/// One scanned event, owned.
+type Scanned = (Vec<u8>, Vec<u8>, bool);
+
+fn scan(parts: &[&[u8]], max_line: usize, tail: usize, api: Api) -> (Vec<Scanned>, ResponseSummary) {
+    let mut scanner = SseScanner::new(max_line).with_long_line_tail(tail);
+    let mut usage = StreamUsage::new(api);
+    let mut events = Vec::new();
+    let mut on_event = |ev: SseEvent<'_>| {
+        assert!(
+            ev.data.len() <= max_line.max(tail),
+            "an event's data stays within the cap"
+        );
+        events.push((ev.event.to_vec(), ev.data.to_vec(), ev.truncated));
+        usage.on_event(&ev);
+    };
+    for part in parts {
+        scanner.feed(part, &mut on_event);
+    }
+    scanner.finish(&mut on_event);
+    (events, usage.summary())
+}
+
+/// An event stream of every API, through the SSE scanner and the stream usage readers, in
+/// one chunk and in chunks cut by the first bytes: both give the same events and usage, event
+/// data stays within the line cap, and found usage partitions into valid events.
+pub fn sse_stream(data: &[u8]) {
+    let (sizes, body) = data.split_at(data.len().min(4));
+    let parts = chunks(body, sizes);
+    for api in Api::ALL {
+        let whole = scan(&[body], 256, 64, api);
+        let split = scan(&parts, 256, 64, api);
+        assert_eq!(whole, split, "the chunking must not change what is read");
+        if let Some(usage) = whole.1.usage {
+            check_usage_events(api, usage, whole.1.model);
+        }
+    }
+}
+
+/// The `include_usage` request rewrite: when it rewrites, the result is JSON with
+/// `stream_options.include_usage` true and the other metered fields unchanged.
+pub fn include_usage_rewrite(body: &[u8]) {
+    let Some(rewritten) = request_with_include_usage(body) else {
+        return;
+    };
+    let before = RequestFields::from_json(body).expect("a rewritten body was a JSON object");
+    let after = RequestFields::from_json(&rewritten).expect("the rewrite is a JSON object");
+    assert!(after.include_usage, "the rewrite sets include_usage");
+    assert_eq!(
+        (before.user, before.model, before.stream),
+        (after.user, after.model, after.stream),
+        "the rewrite changes nothing else"
+    );
+}
+
+/// The usage-chunk response filter: the same output whatever the chunking.
+pub fn usage_filter(data: &[u8]) {
+    let (sizes, body) = data.split_at(data.len().min(4));
+    let run = |parts: &[&[u8]]| {
+        let mut filter = UsageChunkFilter::new(256);
+        let mut out = Vec::new();
+        for part in parts {
+            filter.feed(part, &mut out);
+        }
+        filter.finish(&mut out);
+        (out, filter.dropped_events())
+    };
+    let whole = run(&[body]);
+    let split = run(&chunks(body, sizes));
+    assert_eq!(whole, split, "the chunking must not change the filtered stream");
+    assert!(whole.0.len() <= body.len(), "the filter only removes bytes");
 }

@@ -35,6 +35,7 @@ mod event;
 mod future;
 mod inspect;
 mod layer;
+mod lenient;
 mod meter;
 mod record;
 mod request;

@@ -10,7 +10,6 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
-use serde::Deserialize;
 use serde_json::Value;
 
 /// The request body's `user` field, as the client sent it.
@@ -43,12 +42,13 @@ pub struct RequestFields {
 impl RequestFields {
     /// Reads the fields from a JSON body; `Err` when the body is not a JSON object.
     pub fn from_json(body: &[u8]) -> Result<Self, serde_json::Error> {
-        #[derive(Deserialize)]
-        struct Top {
-            user: Option<Value>,
-            model: Option<Value>,
-            stream: Option<Value>,
-            stream_options: Option<Value>,
+        crate::lenient::lenient_struct! {
+            struct Top {
+                user: Value = "user",
+                model: Value = "model",
+                stream: Value = "stream",
+                stream_options: Value = "stream_options",
+            }
         }
         let top: Top = serde_json::from_slice(body)?;
         let user = top.user.map(|user| match user {

@@ -35,6 +35,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::Api;
+use crate::lenient::lenient_struct;
 use crate::sse::SseEvent;
 use crate::usage::{ResponseSummary, summarize};
 
@@ -134,11 +135,8 @@ impl StreamUsage {
         if !(self.wants_model() || may_carry_usage(ev.data)) {
             return;
         }
-        #[derive(Deserialize)]
-        struct Chunk {
-            model: Option<Value>,
-            id: Option<Value>,
-            usage: Option<Value>,
+        lenient_struct! {
+            struct Chunk { model: Value = "model", id: Value = "id", usage: Value = "usage" }
         }
         let Some(chunk) = self.parse::<Chunk>(ev.data) else {
             return;
@@ -162,17 +160,11 @@ impl StreamUsage {
         if !(named || may_carry_usage(ev.data) || (ev.event.is_empty() && self.wants_model())) {
             return;
         }
-        #[derive(Deserialize)]
-        struct Event {
-            #[serde(rename = "type")]
-            ty: Option<Value>,
-            response: Option<Response>,
+        lenient_struct! {
+            struct Event { ty: Value = "type", response: Response = "response" }
         }
-        #[derive(Deserialize)]
-        struct Response {
-            model: Option<Value>,
-            id: Option<Value>,
-            usage: Option<Value>,
+        lenient_struct! {
+            struct Response { model: Value = "model", id: Value = "id", usage: Value = "usage" }
         }
         let Some(event) = self.parse::<Event>(ev.data) else {
             return;
@@ -205,16 +197,11 @@ impl StreamUsage {
         if !(named || may_carry_usage(ev.data) || (ev.event.is_empty() && self.wants_model())) {
             return;
         }
-        #[derive(Deserialize)]
-        struct Event {
-            message: Option<Message>,
-            usage: Option<Value>,
+        lenient_struct! {
+            struct Event { message: Message = "message", usage: Value = "usage" }
         }
-        #[derive(Deserialize)]
-        struct Message {
-            model: Option<Value>,
-            id: Option<Value>,
-            usage: Option<Value>,
+        lenient_struct! {
+            struct Message { model: Value = "model", id: Value = "id", usage: Value = "usage" }
         }
         let Some(event) = self.parse::<Event>(ev.data) else {
             return;

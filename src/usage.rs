@@ -17,7 +17,6 @@
 //! is read as 0, and a cached count larger than the prompt is clamped to it. Each such field is
 //! counted as an anomaly.
 
-use serde::Deserialize;
 use serde_json::Value;
 
 /// The LLM API a request was made to.
@@ -269,11 +268,8 @@ pub(crate) struct ResponseSummary {
 
 /// Reads `model`, `id` and `usage` from a JSON response body, skipping everything else.
 pub(crate) fn parse_json_response(api: Api, body: &[u8]) -> Result<ResponseSummary, serde_json::Error> {
-    #[derive(Deserialize)]
-    struct Top {
-        model: Option<Value>,
-        id: Option<Value>,
-        usage: Option<Value>,
+    crate::lenient::lenient_struct! {
+        struct Top { model: Value = "model", id: Value = "id", usage: Value = "usage" }
     }
     let top: Top = serde_json::from_slice(body)?;
     Ok(summarize(api, top.model, top.id, top.usage))

@@ -161,6 +161,27 @@ async fn numbers_beyond_u64_are_zeroed_and_counted() {
     __fuzz::usage_json(max.as_bytes());
 }
 
+/// Found by the `include_usage` fuzz target: a repeated member made the request "not JSON" to
+/// the field reader (derive(Deserialize) refuses duplicates), so a client could move its usage
+/// to the fallback subject by repeating a key. Members are now read last-wins, as upstreams do.
+#[tokio::test]
+async fn duplicate_members_are_read_last_wins_like_the_upstream() {
+    let sink = MemorySink::new();
+    let layer = layer(&sink);
+    let request = post(
+        "/v1/chat/completions",
+        r#"{"user":"first","model":"m","user":"customer-7","stream":false,"stream":false}"#,
+    );
+    let body =
+        r#"{"usage":{"prompt_tokens":1},"model":"m","usage":{"prompt_tokens":12,"completion_tokens":3}}"#;
+    through_layer(&layer, request, move || json(body)).await;
+    let events = sink.events();
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(events.iter().all(|e| e.subject.as_str() == "customer-7"));
+    assert_eq!(events[0].data["tokens"], 12);
+    assert_eq!(layer.stats().snapshot().request_invalid_json, 0);
+}
+
 #[tokio::test]
 async fn invalid_utf8_passes_byte_identical() {
     let sink = MemorySink::new();
@@ -406,6 +427,15 @@ fn fuzz_regressions() {
     }
 }
 
+const ALL_TARGETS: [&str; 6] = [
+    "request_fields",
+    "json_response",
+    "usage_json",
+    "sse_stream",
+    "include_usage",
+    "usage_filter",
+];
+
 fn run_target(name: &str, data: &[u8]) {
     match name {
         "request_fields" => {
@@ -417,6 +447,9 @@ fn run_target(name: &str, data: &[u8]) {
         }
         "json_response" => __fuzz::json_response(data),
         "usage_json" => __fuzz::usage_json(data),
+        "sse_stream" => __fuzz::sse_stream(data),
+        "include_usage" => __fuzz::include_usage_rewrite(data),
+        "usage_filter" => __fuzz::usage_filter(data),
         other => panic!("no fuzz target {other}"),
     }
 }
@@ -464,7 +497,7 @@ proptest! {
 
     #[test]
     fn arbitrary_bytes_never_panic(data in prop::collection::vec(any::<u8>(), 0..512)) {
-        for target in ["request_fields", "json_response", "usage_json"] {
+        for target in ALL_TARGETS {
             run_target(target, &data);
         }
     }
@@ -472,11 +505,40 @@ proptest! {
     #[test]
     fn arbitrary_json_never_panics_and_partitions(value in json_value()) {
         let bytes = serde_json::to_vec(&value).unwrap();
-        for target in ["request_fields", "json_response", "usage_json"] {
+        for target in ALL_TARGETS {
             run_target(target, &bytes);
         }
         let wrapped = serde_json::to_vec(&serde_json::json!({"model": "m", "usage": value})).unwrap();
         __fuzz::json_response(&wrapped);
+    }
+
+    /// Event streams made of SSE-looking lines, cut anywhere.
+    #[test]
+    fn arbitrary_event_streams_never_panic(
+        lines in prop::collection::vec(
+            prop_oneof![
+                Just("data: [DONE]".to_owned()),
+                Just(String::new()),
+                Just("event: message_delta".to_owned()),
+                Just(r#"data: {"usage":{"prompt_tokens":5,"completion_tokens":2}}"#.to_owned()),
+                Just(r#"data: {"type":"message_delta","usage":{"output_tokens":9}}"#.to_owned()),
+                Just(r#"data: {"type":"response.completed","response":{"usage":{"input_tokens":3}}}"#.to_owned()),
+                Just(r#"data: {"choices":[],"usage":null}"#.to_owned()),
+                ".{0,300}".prop_map(|s| format!("data: {s}")),
+                ": comment".prop_map(|s| s),
+            ],
+            0..12,
+        ),
+        endings in prop::collection::vec(prop_oneof![Just("\n"), Just("\r\n"), Just("\r")], 1..4),
+        sizes in prop::collection::vec(any::<u8>(), 4),
+    ) {
+        let mut body = sizes.clone();
+        for (i, line) in lines.iter().enumerate() {
+            body.extend_from_slice(line.as_bytes());
+            body.extend_from_slice(endings[i % endings.len()].as_bytes());
+        }
+        __fuzz::sse_stream(&body);
+        __fuzz::usage_filter(&body);
     }
 
     #[test]
