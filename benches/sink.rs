@@ -125,6 +125,57 @@ fn delivered_throughput(c: &mut Criterion) {
     group.finish();
 }
 
+/// The same as `delivered_throughput` through the durable spool (feature `spool`): every event
+/// is group-committed to disk (fsync), read back, posted and removed. Default spool settings
+/// (commit every 5 ms or 1000 events); the spool lives in a temporary directory.
+#[cfg(feature = "spool")]
+fn spooled_throughput(c: &mut Criterion) {
+    use tower_openmeter::spool::SpoolConfig;
+
+    let rt = runtime();
+    let base = rt.block_on(fake_openmeter());
+    let mut group = c.benchmark_group("sink/spooled");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+    for (batch_size, events) in [(100usize, 50_000u64), (1000, 100_000)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sink = rt.block_on(async {
+            OpenMeterSink::builder(&base)
+                .batch_size(batch_size)
+                .flush_interval(Duration::from_millis(2))
+                .queue_capacity(200_000)
+                .spool(SpoolConfig::new(dir.path()))
+                .build()
+                .expect("sink")
+        });
+        group.throughput(Throughput::Elements(events));
+        group.bench_function(BenchmarkId::from_parameter(format!("batch_{batch_size}")), |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let sink = sink.clone();
+                async move {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let target = sink.stats().delivered + events;
+                        let started = Instant::now();
+                        for i in 0..events {
+                            sink.send(event(i));
+                        }
+                        wait_delivered(&sink, target).await;
+                        total += started.elapsed();
+                    }
+                    total
+                }
+            });
+        });
+        let report = rt.block_on(sink.shutdown(Duration::from_secs(10)));
+        assert!(report.is_lossless(), "{report:?}");
+        assert_eq!(report.stats.spooled, 0, "{report:?}");
+    }
+    group.finish();
+}
+
 /// The cost of `send` alone: into a queue with room (drained concurrently), and when full.
 fn send_latency(c: &mut Criterion) {
     let rt = runtime();
@@ -239,4 +290,9 @@ criterion_group!(
     send_latency,
     delivered_throughput
 );
+#[cfg(feature = "spool")]
+criterion_group!(spool_benches, spooled_throughput);
+#[cfg(feature = "spool")]
+criterion_main!(benches, spool_benches);
+#[cfg(not(feature = "spool"))]
 criterion_main!(benches);

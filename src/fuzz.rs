@@ -160,13 +160,16 @@ pub fn sse_stream(data: &[u8]) {
     }
 }
 
-/// The `include_usage` request rewrite: when it rewrites, the result is JSON with
-/// `stream_options.include_usage` true and the other metered fields unchanged.
+/// The `include_usage` request rewrite, on a body the layer could read (it rewrites no
+/// other): when it rewrites, the result is JSON with `stream_options.include_usage` true and
+/// the other metered fields unchanged.
 pub fn include_usage_rewrite(body: &[u8]) {
+    let Ok(before) = RequestFields::from_json(body) else {
+        return;
+    };
     let Some(rewritten) = request_with_include_usage(body) else {
         return;
     };
-    let before = RequestFields::from_json(body).expect("a rewritten body was a JSON object");
     let after = RequestFields::from_json(&rewritten).expect("the rewrite is a JSON object");
     assert!(after.include_usage, "the rewrite sets include_usage");
     assert_eq!(

@@ -180,7 +180,13 @@ struct Meta {
     next_key: u64,
     bytes: u64,
     len: u64,
+    /// Removals committed without an fsync since the last durable commit.
+    unsynced_removes: u32,
 }
+
+/// Every this many removals without an append, one is made durable, so that a long drain
+/// with no new events does not keep redb from reusing the freed pages.
+const SYNC_EVERY_REMOVES: u32 = 16;
 
 /// A durable, byte-bounded FIFO of serialized events. See the [module docs](self).
 pub struct Spool {
@@ -271,7 +277,12 @@ impl Spool {
             };
             meta_table.insert(META_NEXT_KEY, next_key).map_err(store_error)?;
             meta_table.insert(META_BYTES, bytes).map_err(store_error)?;
-            Meta { next_key, bytes, len }
+            Meta {
+                next_key,
+                bytes,
+                len,
+                unsynced_removes: 0,
+            }
         };
         txn.commit().map_err(store_error)?;
         Ok(meta)
@@ -345,6 +356,7 @@ impl Spool {
             return Ok(appended);
         }
         txn.commit().map_err(store_error)?;
+        meta.unsynced_removes = 0;
         *guard = meta;
         self.publish(meta);
         Ok(appended)
@@ -395,7 +407,7 @@ impl Spool {
     /// removed or evicted) are skipped. Returns how many were removed.
     ///
     /// The removal is not flushed to disk on its own (no `fsync`): it becomes durable with the
-    /// next [`append`](Self::append). After a crash in between,
+    /// next [`append`](Self::append), or with every 16th removal. After a crash in between,
     /// removed events can reappear; redelivered with their original ids, they are deduplicated
     /// by OpenMeter.
     ///
@@ -417,7 +429,9 @@ impl Spool {
         // A removal needs no fsync of its own: it becomes durable with the next append. A crash
         // before that brings settled events back, and they are posted again with their ids,
         // which OpenMeter deduplicates.
-        txn.set_durability(Durability::Eventual);
+        if meta.unsynced_removes + 1 < SYNC_EVERY_REMOVES {
+            txn.set_durability(Durability::Eventual);
+        }
         {
             let mut table = txn.open_table(EVENTS).map_err(store_error)?;
             for key in keys {
@@ -435,6 +449,7 @@ impl Spool {
             return Ok(0);
         }
         txn.commit().map_err(store_error)?;
+        meta.unsynced_removes = (meta.unsynced_removes + 1) % SYNC_EVERY_REMOVES;
         *guard = meta;
         self.publish(meta);
         Ok(removed)

@@ -289,3 +289,102 @@ async fn without_the_spool_the_drop_counter_tells_exactly_what_was_lost() {
     );
     assert_eq!(fake.events().len() as u64, stats.delivered);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_during_an_outage_keeps_the_events_for_the_next_start() {
+    let fake = FakeOpenMeter::start().await;
+    fake.fail_for(Duration::from_secs(3600), Fault::ServerError);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let build = || {
+        OpenMeterSink::builder(fake.base_url())
+            .batch_size(10)
+            .flush_interval(Duration::from_millis(5))
+            .backoff(Duration::from_millis(20), Duration::from_millis(50))
+            .spool(SpoolConfig::new(dir.path()).commit_interval(Duration::from_millis(1)))
+            .build()
+            .expect("sink")
+    };
+    let sink = build();
+    for i in 0..30 {
+        sink.send(event(i));
+    }
+    let started = Instant::now();
+    let report = sink.shutdown(Duration::from_millis(500)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(report.undelivered, 0, "{report:?}");
+    assert_eq!(report.stats.spooled, 30, "{report:?}");
+    assert_eq!(report.stats.dropped(), 0, "{report:?}");
+    assert!(report.is_lossless(), "kept on disk is not lost: {report:?}");
+    drop(sink);
+    // The spool is released once the sink's tasks are done.
+    let sink = loop {
+        match OpenMeterSink::builder(fake.base_url())
+            .flush_interval(Duration::from_millis(5))
+            .spool(SpoolConfig::new(dir.path()))
+            .build()
+        {
+            Ok(sink) => break sink,
+            Err(error) => {
+                assert!(started.elapsed() < Duration::from_secs(10), "{error}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert_eq!(sink.stats().spooled, 30);
+    fake.recover();
+    let events = fake
+        .wait_for_events(30, Duration::from_secs(10))
+        .await
+        .expect("all arrive");
+    assert_eq!(events.len(), 30);
+    let report = sink.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(
+        (report.stats.delivered, report.stats.spooled),
+        (30, 0),
+        "{report:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_events_leave_the_spool_and_a_full_spool_counts_its_drops() {
+    let fake = FakeOpenMeter::start_with_key("right").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let one = serde_json::to_vec(&event(0)).expect("json").len() as u64;
+    let sink = OpenMeterSink::builder(fake.base_url())
+        .api_key("wrong")
+        .flush_interval(Duration::from_millis(5))
+        .spool(
+            SpoolConfig::new(dir.path())
+                .max_bytes(one * 10 + 5)
+                .commit_interval(Duration::from_millis(50)),
+        )
+        .build()
+        .expect("sink");
+    for i in 0..25 {
+        sink.send(event(i));
+    }
+    let report = sink.shutdown(Duration::from_secs(5)).await;
+    let stats = report.stats;
+    assert_eq!(stats.dropped_spool_full, 15, "{stats:?}");
+    assert_eq!(stats.rejected_by_status.get(&401), Some(&10), "{stats:?}");
+    assert_eq!((stats.spooled, stats.spool_bytes), (0, 0), "{stats:?}");
+    assert!(fake.events().is_empty());
+}
+
+#[tokio::test]
+async fn a_spool_in_use_is_a_build_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _first = OpenMeterSink::builder("http://127.0.0.1:9")
+        .spool(SpoolConfig::new(dir.path()))
+        .build()
+        .expect("first");
+    let second = OpenMeterSink::builder("http://127.0.0.1:9")
+        .spool(SpoolConfig::new(dir.path()))
+        .build()
+        .expect_err("the spool is locked");
+    assert!(second.to_string().contains("spool"), "{second}");
+}

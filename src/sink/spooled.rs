@@ -294,13 +294,17 @@ impl Reader {
         let mut linger_until: Option<Instant> = None;
         let mut stopping: Option<(Instant, u64, u64)> = None;
         let mut control_open = true;
+        // Shutting down, a read found nothing new: the rest was already tried this run.
+        let mut exhausted = false;
         let far = Instant::now() + Duration::from_secs(86_400 * 365);
         let counters = Arc::clone(&self.state.counters);
         loop {
             let now = Instant::now();
             let waiting = self.state.waiting();
             let writer_done = self.state.writer_done.load(Ordering::Acquire);
-            if waiting == 0 && writer_done && tasks.is_empty() {
+            if (waiting == 0 || exhausted) && writer_done && tasks.is_empty() {
+                // Everything is settled, or (shutting down) what is left was tried and stays in
+                // the spool for the next start.
                 break;
             }
             if stopping.is_some_and(|(deadline, ..)| now >= deadline) {
@@ -357,8 +361,10 @@ impl Reader {
                             tasks.spawn(deliver(Arc::clone(&self.delivery), posting, batch, deadline, permit));
                         }
                         Ok(Ok(_)) => {
-                            // The counts ran ahead of the reads; wait for the next change.
+                            // Nothing past the cursor: the counts ran ahead of the reads, or
+                            // (shutting down) the rest was tried and given back to the spool.
                             backlog = false;
+                            exhausted = stopping.is_some() && writer_done;
                             let _ = tokio::time::timeout(Duration::from_millis(50), self.state.changed.notified()).await;
                         }
                         Ok(Err(error)) => {
