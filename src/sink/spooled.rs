@@ -28,7 +28,7 @@ use super::shutdown::{ShutdownListener, ShutdownReport};
 use super::stats::{Counters, DropReason};
 use super::throttle::LogThrottle;
 use crate::CloudEvent;
-use crate::spool::{Spool, SpoolConfig, Spooled};
+use crate::spool::{Record, Spool, SpoolConfig};
 
 /// The backoff of a failing spool write (disk full, I/O error).
 const WRITE_BACKOFF: BackoffConfig = BackoffConfig {
@@ -85,7 +85,9 @@ impl Pipeline {
         settings: &Settings,
         shutdown: ShutdownListener,
     ) -> Result<Self, BuildError> {
-        let spool = Spool::open(&config.dir, config.max_bytes, config.policy).map_err(BuildError::Spool)?;
+        let mut spool = Spool::open(&config.dir, config.max_bytes, config.policy).map_err(BuildError::Spool)?;
+        // Records of one batch each: the reader posts whole records.
+        spool.set_record_events(settings.batch_size.max(1));
         if !spool.is_empty() {
             tracing::info!(
                 sink = delivery.name,
@@ -349,11 +351,11 @@ impl Reader {
                     let read = tokio::task::spawn_blocking(move || state.spool.read_after(after, n)).await;
                     match read {
                         Ok(Ok(batch)) if !batch.is_empty() => {
-                            if batch.len() < self.batch_size {
+                            let events = batch.iter().map(|r| u64::from(r.events)).sum::<u64>();
+                            if events < self.batch_size as u64 {
                                 backlog = false;
                             }
-                            after = batch.last().map(|e| e.key);
-                            let events = batch.len() as u64;
+                            after = batch.last().map(|r| r.key);
                             self.state.posting.fetch_add(events, Ordering::Relaxed);
                             linger_until = None;
                             let posting = Posting { state: Arc::clone(&self.state), events, done: false };
@@ -462,23 +464,33 @@ impl Drop for Posting {
 async fn deliver(
     delivery: Arc<Delivery>,
     mut posting: Posting,
-    batch: Vec<Spooled>,
+    batch: Vec<Record>,
     mut shutdown: watch::Receiver<Option<Instant>>,
     _permit: OwnedSemaphorePermit,
 ) {
     let events = posting.events;
-    let size = batch.iter().map(|e| e.json.len() + 1).sum::<usize>() + 2;
+    let size = batch.iter().map(|r| r.json.len()).sum::<usize>() + 2;
     let mut body = Vec::with_capacity(size);
     body.push(b'[');
     let mut keys = Vec::with_capacity(batch.len());
-    for (i, event) in batch.into_iter().enumerate() {
-        if i > 0 {
-            body.push(b',');
+    for record in &batch {
+        let inner = record.inner_json();
+        if !inner.is_empty() {
+            if body.len() > 1 {
+                body.push(b',');
+            }
+            body.extend_from_slice(inner);
         }
-        body.extend_from_slice(&event.json);
-        keys.push(event.key);
+        keys.push(record.key);
     }
     body.push(b']');
+    drop(batch);
+    if events == 0 {
+        // Only damaged records: nothing to post, just remove them.
+        tracing::warn!(sink = delivery.name, records = keys.len(), "damaged spool records removed");
+        posting.remove(keys).await;
+        return;
+    }
     let body = Bytes::from(body);
     let counters = Arc::clone(&delivery.counters);
     let mut backoff = Backoff::new(delivery.backoff);
