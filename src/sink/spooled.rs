@@ -129,9 +129,13 @@ impl Pipeline {
             deadline: self.shutdown.deadline.clone(),
         };
         runtime.spawn(writer.run());
+        let (removals, receiver) = mpsc::channel(REMOVAL_QUEUE);
+        let remover = runtime.spawn(remove_loop(receiver, Arc::clone(&self.state)));
         let reader = Reader {
             delivery: self.delivery,
             state: self.state,
+            removals: Some(removals),
+            remover,
             batch_size: self.batch_size,
             flush_interval: self.flush_interval,
             max_in_flight: self.max_in_flight,
@@ -280,6 +284,9 @@ impl Writer {
 struct Reader {
     delivery: Arc<Delivery>,
     state: Arc<State>,
+    /// To the remover; dropped when the reader is done, which lets the remover finish.
+    removals: Option<mpsc::Sender<Removal>>,
+    remover: tokio::task::JoinHandle<()>,
     batch_size: usize,
     flush_interval: Duration,
     max_in_flight: usize,
@@ -358,7 +365,15 @@ impl Reader {
                             after = batch.last().map(|r| r.key);
                             self.state.posting.fetch_add(events, Ordering::Relaxed);
                             linger_until = None;
-                            let posting = Posting { state: Arc::clone(&self.state), events, done: false };
+                            let Some(removals) = self.removals.clone() else {
+                                break;
+                            };
+                            let posting = Posting {
+                                state: Arc::clone(&self.state),
+                                removals,
+                                events,
+                                done: false,
+                            };
                             let deadline = self.shutdown.deadline.clone();
                             tasks.spawn(deliver(Arc::clone(&self.delivery), posting, batch, deadline, permit));
                         }
@@ -384,6 +399,11 @@ impl Reader {
                 () = self.state.changed.notified() => {}
                 () = sleep_until(linger_until.unwrap_or(far).into()), if linger_until.is_some() && !ready => {}
             }
+        }
+        // Let the remover finish what the settled batches handed it.
+        self.removals = None;
+        if let Err(error) = (&mut self.remover).await {
+            tracing::error!(%error, "spool remover failed");
         }
         self.state.publish();
         self.report(stopping);
@@ -428,25 +448,52 @@ impl Reader {
 /// the spool for the next start: not lost, not counted as dropped.
 struct Posting {
     state: Arc<State>,
+    removals: mpsc::Sender<Removal>,
     events: u64,
     done: bool,
 }
 
 impl Posting {
-    /// Removes the batch from the spool once settled. A failed removal only means a
-    /// redelivery after the next start, which OpenMeter deduplicates.
+    /// Hands the settled batch to the remover, which deletes it from the spool together with
+    /// other settled batches, off the delivery path.
     async fn remove(&mut self, keys: Vec<u64>) {
-        let state = Arc::clone(&self.state);
-        let removed = tokio::task::spawn_blocking(move || state.spool.remove(keys)).await;
-        match removed {
+        let removal = Removal {
+            keys,
+            events: self.events,
+        };
+        if self.removals.send(removal).await.is_ok() {
+            self.done = true;
+        }
+    }
+}
+
+/// Settled records to delete.
+struct Removal {
+    keys: Vec<u64>,
+    events: u64,
+}
+
+/// Removals waiting for the remover, at most.
+const REMOVAL_QUEUE: usize = 1024;
+
+/// Deletes settled records, many batches per transaction. A failed removal only means a
+/// redelivery after the next start, which OpenMeter deduplicates.
+async fn remove_loop(mut removals: mpsc::Receiver<Removal>, state: Arc<State>) {
+    let mut taken = Vec::new();
+    while removals.recv_many(&mut taken, 256).await > 0 {
+        let events: u64 = taken.iter().map(|r| r.events).sum();
+        let keys: Vec<u64> = taken.drain(..).flat_map(|r| r.keys).collect();
+        let spool_state = Arc::clone(&state);
+        match tokio::task::spawn_blocking(move || spool_state.spool.remove(keys)).await {
             Ok(Ok(_)) => {}
             Ok(Err(error)) => tracing::error!(
                 %error, "settled events could not be removed from the spool; they will be posted again after a restart (deduplicated)"
             ),
             Err(error) => tracing::error!(%error, "spool remove task failed"),
         }
-        self.state.posting.fetch_sub(self.events, Ordering::Relaxed);
-        self.done = true;
+        state.posting.fetch_sub(events, Ordering::Relaxed);
+        state.publish();
+        state.changed.notify_one();
     }
 }
 
