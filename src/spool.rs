@@ -441,7 +441,9 @@ impl Spool {
                 insert_record(&mut table, &mut pending, &mut meta, &mut appended)?;
             }
             let mut meta_table = txn.open_table(META).map_err(store_error)?;
-            meta_table.insert(META_NEXT_KEY, meta.next_key).map_err(store_error)?;
+            meta_table
+                .insert(META_NEXT_KEY, meta.next_key)
+                .map_err(store_error)?;
             meta_table.insert(META_BYTES, meta.bytes).map_err(store_error)?;
             meta_table.insert(META_EVENTS, meta.events).map_err(store_error)?;
         }
@@ -774,7 +776,11 @@ mod tests {
         // lock belongs to the leaked handle, so read a copy of the file, as a new process would.
         std::mem::forget(spool);
         let copy = tempfile::tempdir().unwrap();
-        std::fs::copy(dir.path().join(SPOOL_FILE_NAME), copy.path().join(SPOOL_FILE_NAME)).unwrap();
+        std::fs::copy(
+            dir.path().join(SPOOL_FILE_NAME),
+            copy.path().join(SPOOL_FILE_NAME),
+        )
+        .unwrap();
         let spool = open(copy.path(), 1 << 20, OverflowPolicy::DropNewest, 1);
         let records = spool.oldest(10).unwrap();
         assert_eq!(keys(&records), [1, 2]);
@@ -805,7 +811,10 @@ mod tests {
             std::fs::write(dir.path().join(SPOOL_FILE_NAME), &garbage).unwrap();
             let error = Spool::open(dir.path(), 1 << 20, OverflowPolicy::DropNewest).unwrap_err();
             assert!(
-                matches!(error.kind(), SpoolErrorKind::Corrupt | SpoolErrorKind::Io | SpoolErrorKind::Store),
+                matches!(
+                    error.kind(),
+                    SpoolErrorKind::Corrupt | SpoolErrorKind::Io | SpoolErrorKind::Store
+                ),
                 "{error}"
             );
         }
@@ -814,11 +823,21 @@ mod tests {
     #[test]
     fn damaged_records_are_returned_empty_for_removal() {
         assert_eq!(decode(b"\x02\0\0\0[a,b]"), Some((2, b"[a,b]".as_slice())));
-        for bad in [&b""[..], b"\x01\0\0", b"\0\0\0\0[a]", b"\x01\0\0\0[a", b"\x01\0\0\0"] {
+        for bad in [
+            &b""[..],
+            b"\x01\0\0",
+            b"\0\0\0\0[a]",
+            b"\x01\0\0\0[a",
+            b"\x01\0\0\0",
+        ] {
             assert_eq!(decode(bad), None, "{bad:?}");
             assert_eq!(events_of(bad), 0);
         }
-        let record = Record { key: 0, events: 0, json: Vec::new() };
+        let record = Record {
+            key: 0,
+            events: 0,
+            json: Vec::new(),
+        };
         assert_eq!(record.inner_json(), b"");
     }
 
@@ -892,7 +911,9 @@ mod tests {
                 if self.bytes() + with(&pending) > max {
                     if policy == OverflowPolicy::DropOldest {
                         while self.bytes() + with(&pending) > max {
-                            let Some(old) = self.records.pop_front() else { break };
+                            let Some(old) = self.records.pop_front() else {
+                                break;
+                            };
                             out.evicted_oldest += old.1.len() as u64;
                         }
                     }

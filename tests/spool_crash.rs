@@ -353,7 +353,9 @@ async fn a_shutdown_during_an_outage_keeps_the_events_for_the_next_start() {
 async fn rejected_events_leave_the_spool_and_a_full_spool_counts_its_drops() {
     let fake = FakeOpenMeter::start_with_key("right").await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let ten: u64 = (0..10).map(|i| serde_json::to_vec(&event(i)).expect("json").len() as u64).sum();
+    let ten: u64 = (0..10)
+        .map(|i| serde_json::to_vec(&event(i)).expect("json").len() as u64)
+        .sum();
     let sink = OpenMeterSink::builder(fake.base_url())
         .api_key("wrong")
         .flush_interval(Duration::from_millis(5))

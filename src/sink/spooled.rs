@@ -85,7 +85,8 @@ impl Pipeline {
         settings: &Settings,
         shutdown: ShutdownListener,
     ) -> Result<Self, BuildError> {
-        let mut spool = Spool::open(&config.dir, config.max_bytes, config.policy).map_err(BuildError::Spool)?;
+        let mut spool =
+            Spool::open(&config.dir, config.max_bytes, config.policy).map_err(BuildError::Spool)?;
         // Records of one batch each: the reader posts whole records.
         spool.set_record_events(settings.batch_size.max(1));
         if !spool.is_empty() {
@@ -534,7 +535,11 @@ async fn deliver(
     drop(batch);
     if events == 0 {
         // Only damaged records: nothing to post, just remove them.
-        tracing::warn!(sink = delivery.name, records = keys.len(), "damaged spool records removed");
+        tracing::warn!(
+            sink = delivery.name,
+            records = keys.len(),
+            "damaged spool records removed"
+        );
         posting.remove(keys).await;
         return;
     }
