@@ -646,6 +646,39 @@ fn config_reads_every_variable() {
 }
 
 #[test]
+fn config_spool_dir_needs_openmeter_and_the_feature() {
+    assert_eq!(config(&[]).unwrap().spool_dir, None);
+    let error = config(&[("METERING_SPOOL_DIR", "/tmp/spool")]).unwrap_err();
+    assert_eq!(error.var, "METERING_SPOOL_DIR");
+    assert!(error.message.contains("OPENMETER_URL"));
+    let with_url = config(&[
+        ("OPENMETER_URL", "http://127.0.0.1:8888"),
+        ("METERING_SPOOL_DIR", "/tmp/spool"),
+    ]);
+    if cfg!(feature = "spool") {
+        assert_eq!(with_url.unwrap().spool_dir.unwrap().to_str(), Some("/tmp/spool"));
+    } else {
+        let error = with_url.unwrap_err();
+        assert_eq!(error.var, "METERING_SPOOL_DIR");
+        assert!(error.message.contains("feature"), "{error}");
+    }
+}
+
+#[cfg(feature = "spool")]
+#[tokio::test]
+async fn the_gateway_sink_spools_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(&[
+        ("OPENMETER_URL", "http://127.0.0.1:9"),
+        ("METERING_SPOOL_DIR", dir.path().to_str().unwrap()),
+    ])
+    .unwrap();
+    let sink = c.openmeter_sink().unwrap().unwrap();
+    assert!(dir.path().join(tower_openmeter::spool::SPOOL_FILE_NAME).exists());
+    sink.shutdown(Duration::from_millis(100)).await;
+}
+
+#[test]
 fn config_errors_name_the_variable() {
     for (var, value) in [
         ("LISTEN_ADDR", "localhost"),

@@ -72,7 +72,9 @@ async fn run(config: Config) -> ExitCode {
         None => Sink::Stdout,
         Some(Ok(sink)) => Sink::OpenMeter(sink),
         Some(Err(error)) => {
-            eprintln!("gateway: invalid configuration: OPENMETER_URL/OPENMETER_API_KEY: {error}");
+            eprintln!(
+                "gateway: invalid configuration: OPENMETER_URL/OPENMETER_API_KEY/METERING_SPOOL_DIR: {error}"
+            );
             return ExitCode::from(2);
         }
     };

@@ -37,6 +37,11 @@ Environment variables (empty counts as unset):
                                 http://localhost:8888; unset: events are printed to stdout
                                 as JSON lines
   OPENMETER_API_KEY             OpenMeter API token (sent as Authorization: Bearer)
+  METERING_SPOOL_DIR            directory of a durable event spool, so that a crash or an
+                                OpenMeter outage loses no committed event; needs
+                                OPENMETER_URL and the crate feature `spool`
+                                (cargo run --example gateway --features spool)
+                                                                 [default: memory only]
   SUBJECT_HEADER                request header holding the customer id, tried before the
                                 body `user` field; unset: body `user` only
   METERING_ENSURE_STREAM_USAGE  1: ask OpenAI-style streams to include usage  [default: 0]
@@ -69,6 +74,8 @@ pub struct Config {
     pub openmeter_url: Option<Url>,
     /// `OPENMETER_API_KEY`.
     pub openmeter_api_key: Option<String>,
+    /// `METERING_SPOOL_DIR` (feature `spool`).
+    pub spool_dir: Option<std::path::PathBuf>,
     /// `SUBJECT_HEADER`.
     pub subject_header: Option<HeaderName>,
     /// `METERING_ENSURE_STREAM_USAGE`.
@@ -189,6 +196,19 @@ impl Config {
                 "is set but OPENMETER_URL is not (use https://openmeter.cloud for OpenMeter Cloud)",
             ));
         }
+        let spool_dir = get("METERING_SPOOL_DIR").map(std::path::PathBuf::from);
+        if spool_dir.is_some() && openmeter_url.is_none() {
+            return Err(err(
+                "METERING_SPOOL_DIR",
+                "is set but OPENMETER_URL is not: the spool holds events for OpenMeter",
+            ));
+        }
+        if spool_dir.is_some() && !cfg!(feature = "spool") {
+            return Err(err(
+                "METERING_SPOOL_DIR",
+                "needs the crate feature `spool` (cargo run --example gateway --features spool)",
+            ));
+        }
         let subject_header = get("SUBJECT_HEADER")
             .map(|v| {
                 HeaderName::try_from(v.as_str())
@@ -224,6 +244,7 @@ impl Config {
             upstream_timeout,
             openmeter_url,
             openmeter_api_key,
+            spool_dir,
             subject_header,
             ensure_stream_usage,
             event_shape,
@@ -253,13 +274,19 @@ impl Config {
             .build()
     }
 
-    /// The OpenMeter sink `OPENMETER_URL` and `OPENMETER_API_KEY` describe, or `None` when
+    /// The OpenMeter sink `OPENMETER_URL`, `OPENMETER_API_KEY` and `METERING_SPOOL_DIR`
+    /// describe, or `None` when
     /// `OPENMETER_URL` is unset (events then go to stdout). Needs a tokio runtime.
     pub fn openmeter_sink(&self) -> Option<Result<OpenMeterSink, BuildError>> {
         let url = self.openmeter_url.as_ref()?;
         let builder = OpenMeterSink::builder(url.as_str());
         let builder = match &self.openmeter_api_key {
             Some(key) => builder.api_key(key.clone()),
+            None => builder,
+        };
+        #[cfg(feature = "spool")]
+        let builder = match &self.spool_dir {
+            Some(dir) => builder.spool(tower_openmeter::spool::SpoolConfig::new(dir)),
             None => builder,
         };
         Some(builder.build())
