@@ -147,8 +147,19 @@ impl Drop for KillOnDrop {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn committed_usage_survives_sigkill_and_arrives_exactly_once() {
+    crash_and_restart(Fault::ServerError).await;
+}
+
+/// OpenMeter ingests every batch but answers 500 (partial ingestion): the sink keeps the
+/// events, the restart posts them again, and deduplication keeps one copy of each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_ingested_before_the_crash_are_deduplicated_after_it() {
+    crash_and_restart(Fault::AcceptThenServerError).await;
+}
+
+async fn crash_and_restart(fault: Fault) {
     let fake = FakeOpenMeter::start().await;
-    fake.fail_for(Duration::from_secs(3600), Fault::ServerError);
+    fake.fail_for(Duration::from_secs(3600), fault);
     let dir = tempfile::tempdir().expect("tempdir");
     let spool = dir.path().join("spool");
     let client = reqwest::Client::builder().no_proxy().build().expect("client");
@@ -177,10 +188,11 @@ async fn committed_usage_survives_sigkill_and_arrives_exactly_once() {
     child.0.kill().expect("SIGKILL");
     let status = child.0.wait().expect("wait");
     assert!(!status.success(), "killed, not exited: {status}");
-    assert!(
-        fake.events().is_empty(),
-        "nothing was accepted while OpenMeter failed"
-    );
+    if fault == Fault::ServerError {
+        assert!(fake.events().is_empty(), "nothing was accepted while OpenMeter failed");
+    } else {
+        assert!(!fake.events().is_empty(), "some batches were ingested before the crash");
+    }
 
     // Second run: OpenMeter is up; the spool is delivered without any new request.
     fake.recover();
@@ -197,6 +209,9 @@ async fn committed_usage_survives_sigkill_and_arrives_exactly_once() {
     .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(fake.events().len(), 2 * REQUESTS, "no extra event");
+    if fault == Fault::AcceptThenServerError {
+        assert!(fake.duplicates() > 0, "the restart posted ingested events again");
+    }
 
     let mut by_subject: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
     for event in &events {
@@ -237,7 +252,8 @@ fn event(i: usize) -> CloudEvent {
 
 const OUTAGE_EVENTS: usize = 1000;
 
-/// Sends `OUTAGE_EVENTS` at about 2000 events/s into a sink whose queue holds 400, while
+/// Sends `OUTAGE_EVENTS` at about 1000 events/s into a sink whose queue holds 400 (a 400 ms
+/// stall of the disk is absorbed), while
 /// OpenMeter fails; then OpenMeter recovers and the sink shuts down.
 async fn outage(fake: &FakeOpenMeter, spool: Option<&Path>) -> tower_openmeter::sink::SinkStats {
     fake.fail_for(Duration::from_secs(3600), Fault::ServerError);
@@ -256,7 +272,7 @@ async fn outage(fake: &FakeOpenMeter, spool: Option<&Path>) -> tower_openmeter::
         for i in 0..20 {
             sink.send(event(burst * 20 + i));
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     fake.recover();
