@@ -88,7 +88,8 @@ pub enum OverflowPolicy {
     /// like the in-memory queue when it is full).
     #[default]
     DropNewest,
-    /// Evict the oldest spooled records until the new events fit.
+    /// Evict the oldest spooled records until the new events fit. (A record being posted at
+    /// that moment may still be delivered; its events then count as delivered and as dropped.)
     DropOldest,
 }
 
