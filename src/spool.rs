@@ -134,7 +134,8 @@ impl Record {
 fn decode(value: &[u8]) -> Option<(u32, &[u8])> {
     let (count, json) = value.split_first_chunk::<4>()?;
     let count = u32::from_le_bytes(*count);
-    let well_formed = count > 0 && json.len() >= 2 && json[0] == b'[' && json[json.len() - 1] == b']';
+    let well_formed =
+        count > 0 && json.len() >= 2 && json.first() == Some(&b'[') && json.last() == Some(&b']');
     well_formed.then_some((count, json))
 }
 

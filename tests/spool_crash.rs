@@ -189,9 +189,15 @@ async fn crash_and_restart(fault: Fault) {
     let status = child.0.wait().expect("wait");
     assert!(!status.success(), "killed, not exited: {status}");
     if fault == Fault::ServerError {
-        assert!(fake.events().is_empty(), "nothing was accepted while OpenMeter failed");
+        assert!(
+            fake.events().is_empty(),
+            "nothing was accepted while OpenMeter failed"
+        );
     } else {
-        assert!(!fake.events().is_empty(), "some batches were ingested before the crash");
+        assert!(
+            !fake.events().is_empty(),
+            "some batches were ingested before the crash"
+        );
     }
 
     // Second run: OpenMeter is up; the spool is delivered without any new request.
