@@ -634,8 +634,12 @@ fn insert_record(
 /// How an [`OpenMeterSink`](crate::sink::OpenMeterSink) spools events on disk.
 ///
 /// Events go from `send` into the sink's bounded in-memory queue, from there to the spool in
-/// group commits, and are read back from the spool for delivery; they are removed only once
-/// OpenMeter has acknowledged them (2xx) or rejected them for good (400, 401, 403, ...).
+/// group commits (serialized, on a blocking thread, never on the request path), and are read
+/// back from the spool for delivery, one record (up to `batch_size` events) per batch or more;
+/// they are removed only once OpenMeter has acknowledged them (2xx) or rejected them for good
+/// (400, 401, 403, ...: counted as rejected). Failing batches (408, 429, 5xx, timeouts,
+/// connection errors) are retried with backoff **without a time limit**: `max_retry_elapsed`
+/// does not apply, the byte bound (`max_bytes`) limits what an outage can pile up.
 ///
 /// **The guarantee.** An event is durable once its group commit returns, at most
 /// [`commit_interval`](Self::commit_interval) after `send` (sooner when
