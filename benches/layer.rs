@@ -30,7 +30,9 @@ fn assert_metered(rt: &Runtime, fixture: &Fixture) {
     assert_eq!(len, fixture.len);
     let snapshot = stats.snapshot();
     if snapshot.requests_metered != 1 || sink.0.load(std::sync::atomic::Ordering::Relaxed) == 0 {
-        eprintln!("warning: {} was not metered: {snapshot:?}", fixture.path);
+        let body: Vec<u8> = fixture.frames.iter().flat_map(|f| f.iter().copied()).collect();
+        let parsed = serde_json::from_slice::<serde_json::Value>(&body).map(|_| ());
+        eprintln!("warning: {} ({}) not metered ({parsed:?}): {snapshot:?}", fixture.path, fixture.content_type);
     }
 }
 

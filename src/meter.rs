@@ -170,7 +170,7 @@ impl Meter {
         };
         let config = &self.config;
         let record = UsageRecord {
-            id: uuid::Uuid::now_v7().to_string(),
+            id: crate::record::new_record_id(),
             subject,
             model: summary.model.or(self.request.model),
             provider: config

@@ -66,12 +66,20 @@ impl UsageRecord {
             let data = self.token_data(TokenType::Output, 0);
             return vec![self.event(format!("{}/missing", self.id), source, event_type, data)];
         }
+        // Formatted once for all the record's events.
+        let time = rfc3339_millis(self.time);
         TokenType::ALL
             .into_iter()
             .filter(|&ty| self.usage.tokens(ty) > 0)
             .map(|ty| {
                 let data = self.token_data(ty, self.usage.tokens(ty));
-                self.event(format!("{}/{}", self.id, ty.as_str()), source, event_type, data)
+                self.event_at(
+                    format!("{}/{}", self.id, ty.as_str()),
+                    source,
+                    event_type,
+                    data,
+                    time.clone(),
+                )
             })
             .collect()
     }
@@ -127,7 +135,18 @@ impl UsageRecord {
     }
 
     /// Labels never override the fields the meters rely on.
-    fn event(&self, id: String, source: &str, event_type: &str, mut data: Map<String, Value>) -> CloudEvent {
+    fn event(&self, id: String, source: &str, event_type: &str, data: Map<String, Value>) -> CloudEvent {
+        self.event_at(id, source, event_type, data, rfc3339_millis(self.time))
+    }
+
+    fn event_at(
+        &self,
+        id: String,
+        source: &str,
+        event_type: &str,
+        mut data: Map<String, Value>,
+        time: String,
+    ) -> CloudEvent {
         for (key, value) in &self.labels {
             if !data.contains_key(key) && !value.is_null() {
                 data.insert(key.clone(), value.clone());
@@ -139,10 +158,39 @@ impl UsageRecord {
             source: source.to_owned(),
             ty: event_type.to_owned(),
             subject: self.subject.clone(),
-            time: rfc3339_millis(self.time),
+            time,
             data,
         }
     }
+}
+
+/// A new record id: a UUID v7 (millisecond time, then 74 random bits).
+///
+/// `uuid::Uuid::now_v7` asks the OS for randomness on every call (a `getrandom` system call,
+/// about half a microsecond on the request path). Ids must be unique, not secret, so the random
+/// bits come from a per-thread generator seeded once from the OS-keyed `RandomState`.
+pub(crate) fn new_record_id() -> String {
+    use std::cell::RefCell;
+    use std::hash::BuildHasher;
+
+    thread_local! {
+        static RNG: RefCell<fastrand::Rng> = RefCell::new(fastrand::Rng::with_seed(
+            std::collections::hash_map::RandomState::new().hash_one(std::thread::current().id()),
+        ));
+    }
+    let millis = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let random: [u8; 10] = RNG.with(|rng| {
+        let mut rng = rng.borrow_mut();
+        let mut bytes = [0u8; 10];
+        bytes[..8].copy_from_slice(&rng.u64(..).to_le_bytes());
+        bytes[8..].copy_from_slice(&rng.u16(..).to_le_bytes());
+        bytes
+    });
+    let uuid = uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid();
+    let mut buf = uuid::Uuid::encode_buffer();
+    uuid.hyphenated().encode_lower(&mut buf).to_owned()
 }
 
 fn insert_some(data: &mut Map<String, Value>, key: &str, value: Option<u64>) {
@@ -253,6 +301,20 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn record_ids_are_unique_uuid_v7() {
+        let ids: std::collections::HashSet<String> = (0..10_000).map(|_| new_record_id()).collect();
+        assert_eq!(ids.len(), 10_000);
+        let other_thread = std::thread::spawn(new_record_id).join().unwrap();
+        assert!(!ids.contains(&other_thread));
+        for id in ids.iter().take(10).chain([&other_thread]) {
+            let uuid = uuid::Uuid::parse_str(id).unwrap();
+            assert_eq!(uuid.get_version_num(), 7, "{id}");
+            assert_eq!(uuid.get_variant(), uuid::Variant::RFC4122);
+            assert_eq!(id.len(), 36);
+        }
     }
 
     #[test]

@@ -177,31 +177,7 @@ impl Usage {
     /// assert_eq!(anomalies, 0);
     /// ```
     pub fn from_api_json(api: Api, usage: &Value) -> (Usage, u32) {
-        let mut reader = CountReader::default();
-        let usage = match api {
-            Api::ChatCompletions | Api::Completions => reader.openai(
-                usage,
-                ["prompt_tokens", "prompt_tokens_details"],
-                ["completion_tokens", "completion_tokens_details"],
-            ),
-            Api::Responses => reader.openai(
-                usage,
-                ["input_tokens", "input_tokens_details"],
-                ["output_tokens", "output_tokens_details"],
-            ),
-            Api::Embeddings => Usage {
-                input: reader.count(usage.get("prompt_tokens")),
-                ..Usage::default()
-            },
-            Api::Messages => Usage {
-                input: reader.count(usage.get("input_tokens")),
-                cache_read: reader.count(usage.get("cache_read_input_tokens")),
-                cache_write: reader.count(usage.get("cache_creation_input_tokens")),
-                output: reader.count(usage.get("output_tokens")),
-                ..Usage::default()
-            },
-        };
-        (usage, reader.anomalies)
+        Usage::from_object(api, usage)
     }
 }
 
@@ -216,14 +192,12 @@ impl CountReader {
     /// includes reasoning tokens.
     fn openai(
         &mut self,
-        usage: &Value,
+        usage: &impl UsageObject,
         [input, input_details]: [&str; 2],
         [output, output_details]: [&str; 2],
     ) -> Usage {
-        let prompt = self.count(usage.get(input));
-        let input_details = usage.get(input_details);
-        let output_details = usage.get(output_details);
-        let mut cached = self.count(input_details.and_then(|d| d.get("cached_tokens")));
+        let prompt = self.count(usage.field(input));
+        let mut cached = self.count(usage.detail(input_details, "cached_tokens"));
         if cached > prompt {
             self.anomalies += 1;
             cached = prompt;
@@ -232,27 +206,99 @@ impl CountReader {
             input: prompt - cached,
             cache_read: cached,
             cache_write: 0,
-            output: self.count(usage.get(output)),
-            reasoning: self.optional(output_details.and_then(|d| d.get("reasoning_tokens"))),
-            input_audio: self.optional(input_details.and_then(|d| d.get("audio_tokens"))),
-            output_audio: self.optional(output_details.and_then(|d| d.get("audio_tokens"))),
+            output: self.count(usage.field(output)),
+            reasoning: self.optional(usage.detail(output_details, "reasoning_tokens")),
+            input_audio: self.optional(usage.detail(input_details, "audio_tokens")),
+            output_audio: self.optional(usage.detail(output_details, "audio_tokens")),
         }
     }
 
     /// A required count: absent or null is 0; anything but a non-negative integer is an anomaly.
-    fn count(&mut self, value: Option<&Value>) -> u64 {
+    fn count(&mut self, value: Count) -> u64 {
         self.optional(value).unwrap_or(0)
     }
 
-    fn optional(&mut self, value: Option<&Value>) -> Option<u64> {
+    fn optional(&mut self, value: Count) -> Option<u64> {
         match value {
-            None | Some(Value::Null) => None,
-            Some(Value::Number(n)) if n.as_u64().is_some() => n.as_u64(),
-            Some(_) => {
+            Count::Absent => None,
+            Count::Valid(n) => Some(n),
+            Count::Invalid => {
                 self.anomalies += 1;
                 None
             }
         }
+    }
+}
+
+/// One token count field as sent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Count {
+    /// Absent or `null`.
+    #[default]
+    Absent,
+    /// A non-negative integer that fits `u64`.
+    Valid(u64),
+    /// Anything else: negative, fractional, too large, a string, an array, an object, a bool.
+    Invalid,
+}
+
+impl Count {
+    fn from_value(value: Option<&Value>) -> Count {
+        match value {
+            None | Some(Value::Null) => Count::Absent,
+            Some(Value::Number(n)) => n.as_u64().map_or(Count::Invalid, Count::Valid),
+            Some(_) => Count::Invalid,
+        }
+    }
+}
+
+/// A `usage` object, either a parsed [`Value`] or the typed [`RawUsage`] read straight from the
+/// body; both read the same counts from the same JSON.
+trait UsageObject {
+    /// A top-level count, e.g. `prompt_tokens`.
+    fn field(&self, key: &str) -> Count;
+    /// A count in a details object, e.g. `prompt_tokens_details.cached_tokens`; a details value
+    /// that is not an object has no counts.
+    fn detail(&self, details: &str, key: &str) -> Count;
+}
+
+impl UsageObject for Value {
+    fn field(&self, key: &str) -> Count {
+        Count::from_value(self.get(key))
+    }
+
+    fn detail(&self, details: &str, key: &str) -> Count {
+        Count::from_value(self.get(details).and_then(|d| d.get(key)))
+    }
+}
+
+impl Usage {
+    fn from_object(api: Api, usage: &impl UsageObject) -> (Usage, u32) {
+        let mut reader = CountReader::default();
+        let usage = match api {
+            Api::ChatCompletions | Api::Completions => reader.openai(
+                usage,
+                ["prompt_tokens", "prompt_tokens_details"],
+                ["completion_tokens", "completion_tokens_details"],
+            ),
+            Api::Responses => reader.openai(
+                usage,
+                ["input_tokens", "input_tokens_details"],
+                ["output_tokens", "output_tokens_details"],
+            ),
+            Api::Embeddings => Usage {
+                input: reader.count(usage.field("prompt_tokens")),
+                ..Usage::default()
+            },
+            Api::Messages => Usage {
+                input: reader.count(usage.field("input_tokens")),
+                cache_read: reader.count(usage.field("cache_read_input_tokens")),
+                cache_write: reader.count(usage.field("cache_creation_input_tokens")),
+                output: reader.count(usage.field("output_tokens")),
+                ..Usage::default()
+            },
+        };
+        (usage, reader.anomalies)
     }
 }
 
@@ -267,12 +313,29 @@ pub(crate) struct ResponseSummary {
 }
 
 /// Reads `model`, `id` and `usage` from a JSON response body, skipping everything else.
+///
+/// `usage` is read into [`RawUsage`], not a [`Value`]: no map is built and no key is allocated.
+/// It reads exactly what [`Usage::from_api_json`] reads from the same JSON (a test checks this
+/// on arbitrary input), so [`summarize`] and this give the same summary.
 pub(crate) fn parse_json_response(api: Api, body: &[u8]) -> Result<ResponseSummary, serde_json::Error> {
     crate::lenient::lenient_struct! {
-        struct Top { model: Value = "model", id: Value = "id", usage: Value = "usage" }
+        struct Top { model: Value = "model", id: Value = "id", usage: raw::UsageField = "usage" }
     }
     let top: Top = serde_json::from_slice(body)?;
-    Ok(summarize(api, top.model, top.id, top.usage))
+    let (usage, anomalies) = match top.usage {
+        Some(raw::UsageField::Object(raw)) => {
+            let (usage, anomalies) = Usage::from_object(api, &raw);
+            (Some(usage), anomalies)
+        }
+        None => (None, 0),
+        Some(raw::UsageField::Other) => (None, 1),
+    };
+    Ok(ResponseSummary {
+        model: string_field(top.model),
+        response_id: string_field(top.id),
+        usage,
+        anomalies,
+    })
 }
 
 /// Builds a summary from the three fields every API's response (or final stream event) has.
@@ -303,6 +366,263 @@ pub(crate) fn string_field(value: Option<Value>) -> Option<String> {
     match value {
         Some(Value::String(s)) if !s.is_empty() => Some(s),
         _ => None,
+    }
+}
+
+mod raw {
+    //! The typed `usage` object: the counts every API may send, read without building a map.
+
+    use std::fmt;
+
+    use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+    use super::{Count, UsageObject};
+
+    /// A non-null `usage` value.
+    pub(super) enum UsageField {
+        Object(RawUsage),
+        /// Not an object: an anomaly.
+        Other,
+    }
+
+    /// The counts of a `usage` object; a key sent twice keeps its last value, as a JSON map would.
+    #[derive(Default)]
+    pub(super) struct RawUsage {
+        prompt_tokens: Count,
+        completion_tokens: Count,
+        input_tokens: Count,
+        output_tokens: Count,
+        cache_read_input_tokens: Count,
+        cache_creation_input_tokens: Count,
+        prompt_tokens_details: Details,
+        completion_tokens_details: Details,
+        input_tokens_details: Details,
+        output_tokens_details: Details,
+    }
+
+    /// The counts of a `*_tokens_details` object; anything but an object has none.
+    #[derive(Default)]
+    struct Details {
+        cached_tokens: Count,
+        audio_tokens: Count,
+        reasoning_tokens: Count,
+    }
+
+    impl UsageObject for RawUsage {
+        fn field(&self, key: &str) -> Count {
+            match key {
+                "prompt_tokens" => self.prompt_tokens,
+                "completion_tokens" => self.completion_tokens,
+                "input_tokens" => self.input_tokens,
+                "output_tokens" => self.output_tokens,
+                "cache_read_input_tokens" => self.cache_read_input_tokens,
+                "cache_creation_input_tokens" => self.cache_creation_input_tokens,
+                _ => Count::Absent,
+            }
+        }
+
+        fn detail(&self, details: &str, key: &str) -> Count {
+            let details = match details {
+                "prompt_tokens_details" => &self.prompt_tokens_details,
+                "completion_tokens_details" => &self.completion_tokens_details,
+                "input_tokens_details" => &self.input_tokens_details,
+                "output_tokens_details" => &self.output_tokens_details,
+                _ => return Count::Absent,
+            };
+            match key {
+                "cached_tokens" => details.cached_tokens,
+                "audio_tokens" => details.audio_tokens,
+                "reasoning_tokens" => details.reasoning_tokens,
+                _ => Count::Absent,
+            }
+        }
+    }
+
+    /// Drains a sequence or map so the parser moves past it.
+    fn drain_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(())
+    }
+
+    fn drain_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(())
+    }
+
+    /// Implements `Visitor` for a type read from any JSON value: `$map` reads an object,
+    /// `$other` is the value for everything else (null included unless `$null` says).
+    macro_rules! any_value_visitor {
+        ($visitor:ident, $ty:ty, $expecting:literal, null => $null:expr, other => $other:expr,
+         scalars { $($scalar:item)* }, map($map_arg:ident) => $map:block) => {
+            struct $visitor;
+
+            impl<'de> Visitor<'de> for $visitor {
+                type Value = $ty;
+
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str($expecting)
+                }
+
+                $($scalar)*
+
+                fn visit_bool<E: de::Error>(self, _: bool) -> Result<$ty, E> {
+                    Ok($other)
+                }
+
+                fn visit_f64<E: de::Error>(self, _: f64) -> Result<$ty, E> {
+                    Ok($other)
+                }
+
+                fn visit_str<E: de::Error>(self, _: &str) -> Result<$ty, E> {
+                    Ok($other)
+                }
+
+                fn visit_unit<E: de::Error>(self) -> Result<$ty, E> {
+                    Ok($null)
+                }
+
+                fn visit_none<E: de::Error>(self) -> Result<$ty, E> {
+                    Ok($null)
+                }
+
+                fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<$ty, A::Error> {
+                    drain_seq(seq)?;
+                    Ok($other)
+                }
+
+                fn visit_map<A: MapAccess<'de>>(self, $map_arg: A) -> Result<$ty, A::Error> $map
+            }
+        };
+    }
+
+    any_value_visitor!(CountVisitor, Count, "a token count", null => Count::Absent, other => Count::Invalid,
+        scalars {
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Count, E> {
+                Ok(Count::Valid(n))
+            }
+
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Count, E> {
+                Ok(u64::try_from(n).map_or(Count::Invalid, Count::Valid))
+            }
+        },
+        map(map) => {
+            drain_map(map)?;
+            Ok(Count::Invalid)
+        }
+    );
+
+    impl<'de> Deserialize<'de> for Count {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Count, D::Error> {
+            d.deserialize_any(CountVisitor)
+        }
+    }
+
+    any_value_visitor!(DetailsVisitor, Details, "token details", null => Details::default(),
+        other => Details::default(),
+        scalars {
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Details, E> {
+                Ok(Details::default())
+            }
+
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Details, E> {
+                Ok(Details::default())
+            }
+        },
+        map(map) => {
+            let mut map = map;
+            let mut details = Details::default();
+            while let Some(key) = map.next_key::<Key<'de>>()? {
+                match key.as_str() {
+                    "cached_tokens" => details.cached_tokens = map.next_value()?,
+                    "audio_tokens" => details.audio_tokens = map.next_value()?,
+                    "reasoning_tokens" => details.reasoning_tokens = map.next_value()?,
+                    _ => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(details)
+        }
+    );
+
+    impl<'de> Deserialize<'de> for Details {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Details, D::Error> {
+            d.deserialize_any(DetailsVisitor)
+        }
+    }
+
+    any_value_visitor!(UsageVisitor, UsageField, "a usage object", null => UsageField::Other,
+        other => UsageField::Other,
+        scalars {
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<UsageField, E> {
+                Ok(UsageField::Other)
+            }
+
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<UsageField, E> {
+                Ok(UsageField::Other)
+            }
+        },
+        map(map) => {
+            let mut map = map;
+            let mut u = RawUsage::default();
+            while let Some(key) = map.next_key::<Key<'de>>()? {
+                match key.as_str() {
+                    "prompt_tokens" => u.prompt_tokens = map.next_value()?,
+                    "completion_tokens" => u.completion_tokens = map.next_value()?,
+                    "input_tokens" => u.input_tokens = map.next_value()?,
+                    "output_tokens" => u.output_tokens = map.next_value()?,
+                    "cache_read_input_tokens" => u.cache_read_input_tokens = map.next_value()?,
+                    "cache_creation_input_tokens" => u.cache_creation_input_tokens = map.next_value()?,
+                    "prompt_tokens_details" => u.prompt_tokens_details = map.next_value()?,
+                    "completion_tokens_details" => u.completion_tokens_details = map.next_value()?,
+                    "input_tokens_details" => u.input_tokens_details = map.next_value()?,
+                    "output_tokens_details" => u.output_tokens_details = map.next_value()?,
+                    _ => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(UsageField::Object(u))
+        }
+    );
+
+    impl<'de> Deserialize<'de> for UsageField {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<UsageField, D::Error> {
+            d.deserialize_any(UsageVisitor)
+        }
+    }
+
+    /// A map key, borrowed from the body unless it had escapes.
+    struct Key<'de>(std::borrow::Cow<'de, str>);
+
+    impl Key<'_> {
+        fn as_str(&self) -> &str {
+            &self.0
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Key<'de> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Key<'de>, D::Error> {
+            struct KeyVisitor;
+
+            impl<'de> Visitor<'de> for KeyVisitor {
+                type Value = Key<'de>;
+
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a key")
+                }
+
+                fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Key<'de>, E> {
+                    Ok(Key(s.into()))
+                }
+
+                fn visit_str<E: de::Error>(self, s: &str) -> Result<Key<'de>, E> {
+                    Ok(Key(s.to_owned().into()))
+                }
+            }
+
+            d.deserialize_str(KeyVisitor)
+        }
     }
 }
 
@@ -448,6 +768,75 @@ mod tests {
         assert_eq!(s.usage.unwrap().input, 1);
     }
 
+    /// The old reader: the whole `usage` as a `Value`, then `summarize`.
+    fn parse_via_value(api: Api, body: &[u8]) -> ResponseSummary {
+        crate::lenient::lenient_struct! {
+            struct Top { model: Value = "model", id: Value = "id", usage: Value = "usage" }
+        }
+        let top: Top = serde_json::from_slice(body).unwrap();
+        summarize(api, top.model, top.id, top.usage)
+    }
+
+    #[test]
+    fn typed_usage_matches_value_on_hostile_shapes() {
+        let bodies = [
+            r#"{"usage":{"prompt_tokens":1,"prompt_tokens":5,"completion_tokens":2}}"#,
+            r#"{"usage":{"prompt_tokens":10,"prompt_tokens_details":"x","completion_tokens_details":[1]}}"#,
+            r#"{"usage":{"prompt_tokens":10,"prompt_tokens_details":{"cached_tokens":3,"cached_tokens":null}}}"#,
+            r#"{"usage":{"prompt\u005ftokens":7,"input_tokens":-0,"output_tokens":-1}}"#,
+            r#"{"usage":{"input_tokens":1.0,"output_tokens":99999999999999999999999,"cache_read_input_tokens":{"a":[1,{}]}}}"#,
+            r#"{"usage":[{"prompt_tokens":1}]}"#,
+            r#"{"usage":true}"#,
+            r#"{"usage":null,"model":"m","id":"i"}"#,
+            r#"{"usage":{},"model":7,"id":""}"#,
+            r#"{"usage":{"prompt_tokens":1},"model":"a","usage":{"prompt_tokens":2},"model":"b"}"#,
+            r#"{"choices":[{"message":{"content":"\"usage\":{\"prompt_tokens\":9}"}}],"usage":{"prompt_tokens":1}}"#,
+        ];
+        for body in bodies {
+            for api in Api::ALL {
+                assert_eq!(
+                    parse_json_response(api, body.as_bytes()).unwrap(),
+                    parse_via_value(api, body.as_bytes()),
+                    "{api:?} {body}"
+                );
+            }
+        }
+        assert_eq!(parse(Api::ChatCompletions, bodies[0]).usage.unwrap().input, 5);
+        assert!(parse_json_response(Api::ChatCompletions, br#"{"usage":{"prompt_tokens":1,}}"#).is_err());
+        assert!(parse_json_response(Api::ChatCompletions, br#"{"usage":{"prompt_tokens":1}"#).is_err());
+        assert!(parse_json_response(Api::ChatCompletions, br#"{"usage":{"x":[1,}}"#).is_err());
+    }
+
+    fn arb_count() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            4 => any::<u64>().prop_map(Value::from),
+            1 => any::<i64>().prop_map(Value::from),
+            1 => (-1e30f64..1e30).prop_map(Value::from),
+            1 => Just(Value::Null),
+            1 => Just(json!("12")),
+            1 => Just(json!(false)),
+            1 => Just(json!([1, {"a": 2}])),
+            1 => Just(json!({"cached_tokens": 1})),
+        ]
+    }
+
+    fn arb_object(keys: &'static [&'static str], value: BoxedStrategy<Value>) -> impl Strategy<Value = Value> {
+        proptest::collection::vec((proptest::sample::select(keys), value), 0..8)
+            .prop_map(|entries| Value::Object(entries.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()))
+    }
+
+    fn arb_usage() -> impl Strategy<Value = Value> {
+        const DETAIL_KEYS: &[&str] = &["cached_tokens", "audio_tokens", "reasoning_tokens", "other"];
+        const USAGE_KEYS: &[&str] = &[
+            "prompt_tokens", "completion_tokens", "input_tokens", "output_tokens", "cache_read_input_tokens",
+            "cache_creation_input_tokens", "prompt_tokens_details", "completion_tokens_details",
+            "input_tokens_details", "output_tokens_details", "total_tokens",
+        ];
+        let details = prop_oneof![3 => arb_object(DETAIL_KEYS, arb_count().boxed()), 1 => arb_count()].boxed();
+        let field = prop_oneof![arb_count(), details].boxed();
+        prop_oneof![6 => arb_object(USAGE_KEYS, field), 1 => arb_count()]
+    }
+
     proptest! {
         #[test]
         fn partition_sums_to_the_reported_total(
@@ -472,6 +861,14 @@ mod tests {
             let (u, _) = Usage::from_api_json(Api::Messages, &raw);
             let sum: u64 = TokenType::ALL.iter().map(|t| u.tokens(*t)).sum();
             prop_assert_eq!(sum, prompt + completion + cached + reasoning);
+        }
+
+        #[test]
+        fn typed_usage_reads_what_value_reads(usage in arb_usage(), model in arb_count()) {
+            let body = serde_json::to_vec(&json!({"id": "r", "model": model, "choices": [], "usage": usage})).unwrap();
+            for api in Api::ALL {
+                prop_assert_eq!(parse_json_response(api, &body).unwrap(), parse_via_value(api, &body));
+            }
         }
     }
 }
