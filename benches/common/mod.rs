@@ -30,6 +30,8 @@ pub struct Fixture {
     pub content_type: &'static str,
     pub frames: Arc<[Bytes]>,
     pub len: usize,
+    /// Hand out each frame as a fresh allocation, as hyper does, so memory held is measurable.
+    pub copy_frames: bool,
 }
 
 impl Fixture {
@@ -41,6 +43,7 @@ impl Fixture {
             content_type,
             frames: frames.into(),
             len,
+            copy_frames: false,
         }
     }
 
@@ -77,6 +80,25 @@ pub fn chat_completion(size: usize) -> Fixture {
     let content = content.trim_end_matches('\\');
     let body = format!("{head}{content}{tail}");
     Fixture::new("/v1/chat/completions", CHAT_REQUEST, "application/json", json_frames(body))
+}
+
+/// A chat completion of `size` bytes built frame by frame, so that building it never holds
+/// more than the frames plus one (for peak-memory measurements).
+pub fn large_chat_completion(size: usize) -> Fixture {
+    const FRAME: usize = 16 * 1024;
+    let head = r#"{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":""#;
+    let tail = r#""},"finish_reason":"stop"}],"usage":{"prompt_tokens":10,"completion_tokens":2000000}}"#;
+    let mut frames = vec![leak(head.as_bytes().to_vec())];
+    let mut left = size.saturating_sub(head.len() + tail.len());
+    while left > 0 {
+        let n = left.min(FRAME);
+        frames.push(leak(vec![b'a'; n]));
+        left -= n;
+    }
+    frames.push(leak(tail.as_bytes().to_vec()));
+    let mut fixture = Fixture::new("/v1/chat/completions", CHAT_REQUEST, "application/json", frames);
+    fixture.copy_frames = true;
+    fixture
 }
 
 /// An embeddings response with `dims` floats.
@@ -126,6 +148,7 @@ pub struct Frames {
     frames: Arc<[Bytes]>,
     next: usize,
     exact: bool,
+    copy: bool,
 }
 
 impl Body for Frames {
@@ -134,7 +157,13 @@ impl Body for Frames {
 
     fn poll_frame(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let this = self.get_mut();
-        let frame = this.frames.get(this.next).cloned();
+        let frame = this.frames.get(this.next).map(|f| {
+            if this.copy {
+                Bytes::copy_from_slice(f)
+            } else {
+                f.clone()
+            }
+        });
         this.next += 1;
         Poll::Ready(frame.map(|f| Ok(Frame::data(f))))
     }
@@ -176,6 +205,7 @@ where
         frames: fixture.frames.clone(),
         next: 0,
         exact,
+        copy: fixture.copy_frames,
     };
     Ok(Response::builder()
         .header(CONTENT_TYPE, fixture.content_type)
