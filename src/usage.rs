@@ -339,7 +339,6 @@ pub(crate) fn parse_json_response(api: Api, body: &[u8]) -> Result<ResponseSumma
 }
 
 /// Builds a summary from the three fields every API's response (or final stream event) has.
-#[allow(dead_code)] // used by the stream inspector
 pub(crate) fn summarize(
     api: Api,
     model: Option<Value>,
