@@ -10,7 +10,10 @@ use std::process::Command;
 
 use tower::ServiceExt;
 
-use common::{Fixture, chat_completion, drain, embeddings, large_chat_completion, layer, sse_stream, with_layer, without_layer};
+use common::{
+    Fixture, chat_completion, drain, embeddings, large_chat_completion, layer, sse_stream, with_layer,
+    without_layer,
+};
 
 #[global_allocator]
 static ALLOC: dhat::Alloc = dhat::Alloc;
@@ -26,16 +29,48 @@ fn per_request(rt: &tokio::runtime::Runtime, fixture: &Fixture) -> [(f64, f64); 
     for (i, slot) in out.iter_mut().enumerate() {
         // One warm-up request each (lazy statics, thread locals).
         rt.block_on(async {
-            drain(metered.clone().oneshot(fixture.request()).await.unwrap().into_body()).await;
-            drain(plain.clone().oneshot(fixture.request()).await.unwrap().into_body()).await;
+            drain(
+                metered
+                    .clone()
+                    .oneshot(fixture.request())
+                    .await
+                    .unwrap()
+                    .into_body(),
+            )
+            .await;
+            drain(
+                plain
+                    .clone()
+                    .oneshot(fixture.request())
+                    .await
+                    .unwrap()
+                    .into_body(),
+            )
+            .await;
         });
         let before = dhat::HeapStats::get();
         rt.block_on(async {
             for _ in 0..REQUESTS {
                 if i == 0 {
-                    drain(plain.clone().oneshot(fixture.request()).await.unwrap().into_body()).await;
+                    drain(
+                        plain
+                            .clone()
+                            .oneshot(fixture.request())
+                            .await
+                            .unwrap()
+                            .into_body(),
+                    )
+                    .await;
                 } else {
-                    drain(metered.clone().oneshot(fixture.request()).await.unwrap().into_body()).await;
+                    drain(
+                        metered
+                            .clone()
+                            .oneshot(fixture.request())
+                            .await
+                            .unwrap()
+                            .into_body(),
+                    )
+                    .await;
                 }
             }
         });
@@ -57,9 +92,23 @@ fn peak(size: usize, metered: bool) {
     let before = dhat::HeapStats::get();
     let len = rt.block_on(async {
         if metered {
-            drain(with_layer(&fixture, &layer).oneshot(fixture.request()).await.unwrap().into_body()).await
+            drain(
+                with_layer(&fixture, &layer)
+                    .oneshot(fixture.request())
+                    .await
+                    .unwrap()
+                    .into_body(),
+            )
+            .await
         } else {
-            drain(without_layer(&fixture).oneshot(fixture.request()).await.unwrap().into_body()).await
+            drain(
+                without_layer(&fixture)
+                    .oneshot(fixture.request())
+                    .await
+                    .unwrap()
+                    .into_body(),
+            )
+            .await
         }
     });
     assert_eq!(len, fixture.len);
@@ -96,7 +145,11 @@ fn main() {
     let mut added = Vec::new();
     for (name, fixture) in &cases {
         let [(a0, b0), (a1, b1)] = per_request(&rt, fixture);
-        println!("{name:<18} {a0:>14.1} {a1:>14.1} {:>12.1} {:>14.0}", a1 - a0, b1 - b0);
+        println!(
+            "{name:<18} {a0:>14.1} {a1:>14.1} {:>12.1} {:>14.0}",
+            a1 - a0,
+            b1 - b0
+        );
         added.push(a1 - a0);
     }
     let per_chunk = (added[4] - added[3]) / 990.0;
@@ -104,14 +157,22 @@ fn main() {
 
     println!();
     println!("Peak heap during one response (max_response_body = 4 MiB), frames freshly allocated");
-    println!("{:<14} {:>16} {:>16} {:>10} {:>10}", "body", "peak_without", "peak_with", "metered", "over_cap");
+    println!(
+        "{:<14} {:>16} {:>16} {:>10} {:>10}",
+        "body", "peak_without", "peak_with", "metered", "over_cap"
+    );
     let exe = std::env::current_exe().unwrap();
     for size in [1 << 20, 4_000_000, 10_000_000] {
         let run = |side: &str| {
-            let out = Command::new(&exe).args(["peak", &size.to_string(), side]).output().unwrap();
+            let out = Command::new(&exe)
+                .args(["peak", &size.to_string(), side])
+                .output()
+                .unwrap();
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
             let text = String::from_utf8(out.stdout).unwrap();
-            text.split_whitespace().map(|s| s.parse::<u64>().unwrap()).collect::<Vec<_>>()
+            text.split_whitespace()
+                .map(|s| s.parse::<u64>().unwrap())
+                .collect::<Vec<_>>()
         };
         let without = run("without");
         let with = run("with");

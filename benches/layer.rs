@@ -18,7 +18,10 @@ use tower::ServiceExt;
 use common::{Fixture, chat_completion, drain, embeddings, layer, sse_stream, with_layer, without_layer};
 
 fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 /// Runs one request through the layer and checks it was metered, so the benchmark measures the
@@ -26,13 +29,17 @@ fn runtime() -> Runtime {
 fn assert_metered(rt: &Runtime, fixture: &Fixture) {
     let (layer, sink, stats) = layer();
     let service = with_layer(fixture, &layer);
-    let len = rt.block_on(async { drain(service.oneshot(fixture.request()).await.unwrap().into_body()).await });
+    let len =
+        rt.block_on(async { drain(service.oneshot(fixture.request()).await.unwrap().into_body()).await });
     assert_eq!(len, fixture.len);
     let snapshot = stats.snapshot();
     if snapshot.requests_metered != 1 || sink.0.load(std::sync::atomic::Ordering::Relaxed) == 0 {
         let body: Vec<u8> = fixture.frames.iter().flat_map(|f| f.iter().copied()).collect();
         let parsed = serde_json::from_slice::<serde_json::Value>(&body).map(|_| ());
-        eprintln!("warning: {} ({}) not metered ({parsed:?}): {snapshot:?}", fixture.path, fixture.content_type);
+        eprintln!(
+            "warning: {} ({}) not metered ({parsed:?}): {snapshot:?}",
+            fixture.path, fixture.content_type
+        );
     }
 }
 
@@ -72,7 +79,13 @@ fn json(c: &mut Criterion) {
         ("embeddings_1536", embeddings(1536)),
     ];
     pair(c, "json", &cases, 100, 3);
-    pair(c, "json_1MiB", &[("chat_1MiB", chat_completion(1024 * 1024))], 30, 4);
+    pair(
+        c,
+        "json_1MiB",
+        &[("chat_1MiB", chat_completion(1024 * 1024))],
+        30,
+        4,
+    );
 }
 
 /// SSE chat completion streams of 10, 1 000 and 100 000 content chunks plus a usage chunk.
@@ -90,7 +103,8 @@ fn sse_first_byte(c: &mut Criterion) {
     let metered = with_layer(&fixture, &layer);
     let plain = without_layer(&fixture);
     let mut g = c.benchmark_group("sse_first_byte");
-    g.warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    g.warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
     g.bench_function(BenchmarkId::new("without_layer", "chunks_1000"), |b| {
         b.to_async(&rt).iter_custom(|iters| {
             let plain = plain.clone();
@@ -99,7 +113,12 @@ fn sse_first_byte(c: &mut Criterion) {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     let start = Instant::now();
-                    let mut body = plain.clone().oneshot(fixture.request()).await.unwrap().into_body();
+                    let mut body = plain
+                        .clone()
+                        .oneshot(fixture.request())
+                        .await
+                        .unwrap()
+                        .into_body();
                     let first = body.frame().await;
                     total += start.elapsed();
                     black_box(first);
@@ -116,7 +135,12 @@ fn sse_first_byte(c: &mut Criterion) {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     let start = Instant::now();
-                    let mut body = metered.clone().oneshot(fixture.request()).await.unwrap().into_body();
+                    let mut body = metered
+                        .clone()
+                        .oneshot(fixture.request())
+                        .await
+                        .unwrap()
+                        .into_body();
                     let first = body.frame().await;
                     total += start.elapsed();
                     black_box(first);

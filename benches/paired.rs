@@ -78,7 +78,10 @@ fn run(rt: &Runtime, name: &str, fixture: &Fixture, only: Option<&str>) {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let only = std::env::var("PAIRED_ONLY").ok();
     let case = std::env::var("PAIRED_CASE").ok();
     let cases = [
@@ -97,7 +100,10 @@ fn main() {
         );
     }
     // Criterion passes `--bench`; any other argument filters cases by name.
-    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     for (name, fixture) in &cases {
         if case.as_deref().is_some_and(|c| c != *name) {
             continue;

@@ -37,14 +37,20 @@ fn canned() -> Canned {
             "data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1741570283,\"model\":\"gpt-4o-2024-08-06\",\"choices\":[{delta}],\"usage\":{usage}}}\n\n"
         ))
     };
-    let mut sse = vec![chunk(r#"{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}"#, "null")];
+    let mut sse = vec![chunk(
+        r#"{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}"#,
+        "null",
+    )];
     for i in 0..CHUNKS {
         sse.push(chunk(
             &format!(r#"{{"index":0,"delta":{{"content":" tok{i}"}},"finish_reason":null}}"#),
             "null",
         ));
     }
-    sse.push(chunk("", r#"{"prompt_tokens":120,"completion_tokens":50,"total_tokens":170}"#));
+    sse.push(chunk(
+        "",
+        r#"{"prompt_tokens":120,"completion_tokens":50,"total_tokens":170}"#,
+    ));
     sse.push(Bytes::from_static(b"data: [DONE]\n\n"));
     Canned {
         json: Bytes::from(json),
@@ -61,7 +67,10 @@ impl Body for Frames {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         Poll::Ready(self.frames.next().map(|f| Ok(Frame::data(f))))
     }
 
@@ -85,7 +94,9 @@ async fn handle(canned: Arc<Canned>, request: Request<Incoming>) -> Result<Reply
     } else {
         Response::builder()
             .header(header::CONTENT_TYPE, "application/json")
-            .body(http_body_util::Either::Left(http_body_util::Full::new(canned.json.clone())))
+            .body(http_body_util::Either::Left(http_body_util::Full::new(
+                canned.json.clone(),
+            )))
     };
     Ok(response.expect("valid response"))
 }
@@ -102,7 +113,9 @@ async fn main() -> std::io::Result<()> {
         let canned = canned.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| handle(canned.clone(), request));
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         });
     }
 }

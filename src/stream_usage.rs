@@ -30,6 +30,8 @@
 //! keeps the usage of a Responses API `response.completed` event, which repeats the whole
 //! output before its `usage`, however long the output.
 
+use std::sync::LazyLock;
+
 use memchr::memmem;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -274,12 +276,17 @@ impl StreamUsage {
     }
 }
 
+/// The searcher for `"usage"`, built once: `memmem::find_iter` would build one per event, which
+/// cost more than the search itself on short delta events.
+pub(crate) static USAGE_KEY: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+
 /// Whether `data` may hold a non-null `usage` member: some `"usage"` not followed by
 /// `: null`. A byte search, no parsing: a false positive only costs a parse. (Inside a JSON
 /// string a quote is escaped, so the bytes `"usage"` are almost always a key.)
 pub(crate) fn may_carry_usage(data: &[u8]) -> bool {
     const KEY: &[u8] = b"\"usage\"";
-    memmem::find_iter(data, KEY).any(|at| {
+    USAGE_KEY.find_iter(data).any(|at| {
         let rest = skip_ws(&data[at + KEY.len()..]);
         match rest.strip_prefix(b":") {
             Some(value) => !skip_ws(value).starts_with(b"null"),

@@ -820,7 +820,10 @@ mod tests {
         ]
     }
 
-    fn arb_object(keys: &'static [&'static str], value: BoxedStrategy<Value>) -> impl Strategy<Value = Value> {
+    fn arb_object(
+        keys: &'static [&'static str],
+        value: BoxedStrategy<Value>,
+    ) -> impl Strategy<Value = Value> {
         proptest::collection::vec((proptest::sample::select(keys), value), 0..8)
             .prop_map(|entries| Value::Object(entries.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()))
     }
@@ -828,11 +831,20 @@ mod tests {
     fn arb_usage() -> impl Strategy<Value = Value> {
         const DETAIL_KEYS: &[&str] = &["cached_tokens", "audio_tokens", "reasoning_tokens", "other"];
         const USAGE_KEYS: &[&str] = &[
-            "prompt_tokens", "completion_tokens", "input_tokens", "output_tokens", "cache_read_input_tokens",
-            "cache_creation_input_tokens", "prompt_tokens_details", "completion_tokens_details",
-            "input_tokens_details", "output_tokens_details", "total_tokens",
+            "prompt_tokens",
+            "completion_tokens",
+            "input_tokens",
+            "output_tokens",
+            "cache_read_input_tokens",
+            "cache_creation_input_tokens",
+            "prompt_tokens_details",
+            "completion_tokens_details",
+            "input_tokens_details",
+            "output_tokens_details",
+            "total_tokens",
         ];
-        let details = prop_oneof![3 => arb_object(DETAIL_KEYS, arb_count().boxed()), 1 => arb_count()].boxed();
+        let details =
+            prop_oneof![3 => arb_object(DETAIL_KEYS, arb_count().boxed()), 1 => arb_count()].boxed();
         let field = prop_oneof![arb_count(), details].boxed();
         prop_oneof![6 => arb_object(USAGE_KEYS, field), 1 => arb_count()]
     }

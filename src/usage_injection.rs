@@ -33,8 +33,6 @@
 
 use std::ops::Range;
 
-use memchr::memmem;
-
 /// Sets `stream_options.include_usage` to `true` in a JSON request body, keeping every other
 /// byte. `None` when the body is not a JSON object (the caller then sends it unchanged).
 ///
@@ -280,7 +278,7 @@ impl UsageChunkFilter {
     }
 
     fn classify(&mut self, json: &[u8]) -> Verdict {
-        if memmem::find(json, b"\"usage\"").is_none() {
+        if crate::stream_usage::USAGE_KEY.find(json).is_none() {
             return Verdict::Keep;
         }
         let Some(open) = first_non_ws(json, 0).filter(|&i| json[i] == b'{') else {

@@ -13,8 +13,8 @@ use http::header::CONTENT_TYPE;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
-use tower::ServiceBuilder;
 use tower::Service;
+use tower::ServiceBuilder;
 use tower_openmeter::{CloudEvent, EventSink, MeteredBody, MeteringLayer, MeteringStats};
 
 /// Bytes that live for the whole run, so cloning them per request costs no allocation.
@@ -79,7 +79,12 @@ pub fn chat_completion(size: usize) -> Fixture {
     // Never end inside an escape.
     let content = content.trim_end_matches('\\');
     let body = format!("{head}{content}{tail}");
-    Fixture::new("/v1/chat/completions", CHAT_REQUEST, "application/json", json_frames(body))
+    Fixture::new(
+        "/v1/chat/completions",
+        CHAT_REQUEST,
+        "application/json",
+        json_frames(body),
+    )
 }
 
 /// A chat completion of `size` bytes built frame by frame, so that building it never holds
@@ -114,7 +119,12 @@ pub fn embeddings(dims: usize) -> Fixture {
     let body = format!(
         r#"{{"object":"list","data":[{{"object":"embedding","index":0,"embedding":[{floats}]}}],"model":"text-embedding-3-small","usage":{{"prompt_tokens":5,"total_tokens":5}}}}"#
     );
-    Fixture::new("/v1/embeddings", EMBEDDINGS_REQUEST, "application/json", json_frames(body))
+    Fixture::new(
+        "/v1/embeddings",
+        EMBEDDINGS_REQUEST,
+        "application/json",
+        json_frames(body),
+    )
 }
 
 /// A chat completion stream of `chunks` content deltas, then the usage chunk and `[DONE]`; one
@@ -139,7 +149,12 @@ pub fn sse_stream(chunks: usize) -> Fixture {
         .to_vec(),
     ));
     frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
-    Fixture::new("/v1/chat/completions", STREAM_REQUEST, "text/event-stream", frames)
+    Fixture::new(
+        "/v1/chat/completions",
+        STREAM_REQUEST,
+        "text/event-stream",
+        frames,
+    )
 }
 
 /// A body that yields its frames one per poll; `is_end_stream` once the last is out. Without a
@@ -155,7 +170,10 @@ impl Body for Frames {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let this = self.get_mut();
         let frame = this.frames.get(this.next).map(|f| {
             if this.copy {
@@ -228,7 +246,10 @@ where
 /// The layer as a user would configure it, with events counted and dropped.
 pub fn layer() -> (MeteringLayer, NullSink, MeteringStats) {
     let sink = NullSink::default();
-    let layer = MeteringLayer::builder().sink(sink.clone()).source("bench-gateway").build();
+    let layer = MeteringLayer::builder()
+        .sink(sink.clone())
+        .source("bench-gateway")
+        .build();
     let stats = layer.stats();
     (layer, sink, stats)
 }
@@ -251,8 +272,11 @@ where
 pub fn with_layer(
     fixture: &Fixture,
     layer: &MeteringLayer,
-) -> impl Service<Request<Full<Bytes>>, Response = Response<MeteredBody<Frames>>, Error = Infallible> + Clone {
-    ServiceBuilder::new().layer(layer.clone()).service(service(fixture))
+) -> impl Service<Request<Full<Bytes>>, Response = Response<MeteredBody<Frames>>, Error = Infallible> + Clone
+{
+    ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(service(fixture))
 }
 
 /// The same upstream alone.
