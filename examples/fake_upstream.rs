@@ -1,7 +1,8 @@
 //! A fast fake LLM upstream for load tests (`scripts/loadtest.sh`): `POST
 //! /v1/chat/completions` answers a ~1 KiB JSON chat completion, or, when the request body has
 //! `"stream":true`, a 50-chunk SSE stream ending with a usage chunk and `[DONE]` (one frame per
-//! event, no delay).
+//! event, no delay). It also stands in for OpenMeter: `POST /api/v1/events` counts the events
+//! of each batch and answers 204, and `GET /events` returns that count.
 //!
 //! Run: `LISTEN_ADDR=127.0.0.1:9100 cargo run --release --example fake_upstream`
 
@@ -25,6 +26,7 @@ const CHUNKS: usize = 50;
 struct Canned {
     json: Bytes,
     sse: Vec<Bytes>,
+    events: std::sync::atomic::AtomicU64,
 }
 
 fn canned() -> Canned {
@@ -55,6 +57,7 @@ fn canned() -> Canned {
     Canned {
         json: Bytes::from(json),
         sse,
+        events: Default::default(),
     }
 }
 
@@ -82,7 +85,23 @@ impl Body for Frames {
 type Reply = Response<http_body_util::Either<http_body_util::Full<Bytes>, Frames>>;
 
 async fn handle(canned: Arc<Canned>, request: Request<Incoming>) -> Result<Reply, hyper::Error> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let path = request.uri().path().to_owned();
     let body = request.into_body().collect().await?.to_bytes();
+    let text = |status: u16, body: String| {
+        Ok(Response::builder()
+            .status(status)
+            .body(http_body_util::Either::Left(http_body_util::Full::new(Bytes::from(body))))
+            .expect("valid response"))
+    };
+    if path == "/api/v1/events" {
+        let events = body.windows(13).filter(|w| w == b"\"specversion\"").count();
+        canned.events.fetch_add(events as u64, Relaxed);
+        return text(204, String::new());
+    }
+    if path == "/events" {
+        return text(200, canned.events.load(Relaxed).to_string());
+    }
     let stream = body.windows(13).any(|w| w == b"\"stream\":true");
     let response = if stream {
         Response::builder()

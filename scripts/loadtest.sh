@@ -8,7 +8,11 @@
 #   ROUNDS=5 DURATION=5 CONNECTIONS=16 scripts/loadtest.sh
 #
 # Needs wrk (installed with apt-get when run as root, else: apt-get install -y wrk).
-# Everything it starts is stopped on exit. Events go to a file on /dev/shm (counted per round).
+# Everything it starts is stopped on exit. The metered gateway sends its events with
+# OpenMeterSink to the fake upstream, which stands in for OpenMeter (answers 204 and counts
+# them: events/request is printed per round). SINK=stdout uses the gateway's StdoutSink instead,
+# events to /dev/null: a locked write system call per event, which measures that sink more than
+# the layer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,8 +34,16 @@ if ! command -v wrk >/dev/null; then
     fi
 fi
 
-cargo build --release --quiet --example gateway --example fake_upstream
 BIN="${CARGO_TARGET_DIR:-target}/release/examples"
+if [ -n "${GATEWAY_BIN:-}" ]; then
+    # A gateway built elsewhere (e.g. from a branch not merged yet).
+    cargo build --release --quiet --example fake_upstream
+else
+    cargo build --release --quiet --example gateway --example fake_upstream
+    GATEWAY_BIN="$BIN/gateway"
+fi
+TTFB_REQUESTS=${TTFB_REQUESTS:-300}
+SINK=${SINK:-openmeter}
 
 WORK=$(mktemp -d "$( [ -d /dev/shm ] && echo /dev/shm || echo /tmp )/loadtest.XXXXXX")
 PIDS=()
@@ -57,8 +69,9 @@ PIDS+=($!)
 wait_port "$UP_PORT"
 for mode in on off; do
     port=$ON_PORT; [ "$mode" = off ] && port=$OFF_PORT
-    LISTEN_ADDR=127.0.0.1:$port UPSTREAM_URL=http://127.0.0.1:$UP_PORT METERING=$mode RUST_LOG=warn \
-        "$BIN/gateway" >>"$WORK/events-$mode.jsonl" 2>"$WORK/gateway-$mode.log" &
+    openmeter=http://127.0.0.1:$UP_PORT; [ "$SINK" = stdout ] && openmeter=
+    OPENMETER_URL=$openmeter LISTEN_ADDR=127.0.0.1:$port UPSTREAM_URL=http://127.0.0.1:$UP_PORT \
+        METERING=$mode RUST_LOG=warn "$GATEWAY_BIN" >/dev/null 2>"$WORK/gateway-$mode.log" &
     PIDS+=($!)
     wait_port "$port"
 done
@@ -92,7 +105,8 @@ RESULTS="$WORK/results.tsv"
 run() { # kind mode round
     local kind=$1 mode=$2 round=$3 port=$ON_PORT out
     [ "$mode" = off ] && port=$OFF_PORT
-    : >"$WORK/events-$mode.jsonl"
+    local events_before
+    events_before=$(curl -sf "http://127.0.0.1:$UP_PORT/events")
     out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$WORK/$kind.lua" \
         "http://127.0.0.1:$port/v1/chat/completions")
     local rps p50 p99 reqs errors events
@@ -101,10 +115,13 @@ run() { # kind mode round
     p50=$(to_us "$(awk '$1 == "50%" { print $2 }' <<<"$out")")
     p99=$(to_us "$(awk '$1 == "99%" { print $2 }' <<<"$out")")
     errors=$(awk '/Non-2xx|Socket errors/ { print }' <<<"$out" | tr '\n' ' ')
-    events=$(wc -l <"$WORK/events-$mode.jsonl")
+    sleep 0.5 # the sink's last batch
+    events=$(( $(curl -sf "http://127.0.0.1:$UP_PORT/events") - events_before ))
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$kind" "$mode" "$round" "$rps" "$p50" "$p99" "$reqs" "$events" >>"$RESULTS"
-    printf '%-5s %-4s round %s: %10.0f req/s  p50 %8.0f us  p99 %8.0f us  events/request %.2f %s\n' \
-        "$kind" "$mode" "$round" "$rps" "$p50" "$p99" "$(awk -v e="$events" -v r="$reqs" 'BEGIN { print (r > 0 ? e / r : 0) }')" "$errors"
+    local per_request="-"
+    [ "$SINK" = openmeter ] && per_request=$(awk -v e="$events" -v r="$reqs" 'BEGIN { printf "%.2f", (r > 0 ? e / r : 0) }')
+    printf '%-5s %-4s round %s: %10.0f req/s  p50 %8.0f us  p99 %8.0f us  events/request %s %s\n' \
+        "$kind" "$mode" "$round" "$rps" "$p50" "$p99" "$per_request" "$errors"
 }
 
 echo "load: $ROUNDS rounds x ${DURATION}s per mode, wrk -t$THREADS -c$CONNECTIONS, $(nproc) cores; load average: $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -130,3 +147,22 @@ for kind in json sse; do
     awk -v k="$kind" -v rw="$rw" -v ro="$ro" -v pw="$pw" -v po="$po" -v qw="$qw" -v qo="$qo" 'BEGIN {
         printf "%-5s %12.0f %12.0f %7.3f %8.0fus %8.0fus %8.0fus %8.0fus %8.0fus\n", k, rw, ro, rw / ro, pw, po, qw, qo, qw - qo }'
 done
+
+# Streaming time to first byte and total, one request at a time (no load), alternating modes.
+echo
+echo "SSE time to first byte, sequential requests ($TTFB_REQUESTS per mode, alternating), medians:"
+for i in $(seq "$TTFB_REQUESTS"); do
+    for mode in on off; do
+        port=$ON_PORT; [ "$mode" = off ] && port=$OFF_PORT
+        curl -s -o /dev/null -w "$mode %{time_starttransfer} %{time_total}\n" -X POST \
+            -H 'content-type: application/json' \
+            -d '{"model":"gpt-4o","user":"customer-1","stream":true,"stream_options":{"include_usage":true},"messages":[]}' \
+            "http://127.0.0.1:$port/v1/chat/completions"
+    done
+done >"$WORK/ttfb.txt"
+for col in 2 3; do
+    for mode in on off; do
+        awk -v m="$mode" -v c="$col" '$1 == m { print $c * 1e6 }' "$WORK/ttfb.txt" | sort -g |
+            awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'
+    done
+done | paste -sd' ' | awk '{ printf "first byte: with %.0f us, without %.0f us, ratio %.3f; total: with %.0f us, without %.0f us, ratio %.3f\n", $1, $2, $1 / $2, $3, $4, $3 / $4 }'
