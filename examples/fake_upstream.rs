@@ -91,7 +91,9 @@ async fn handle(canned: Arc<Canned>, request: Request<Incoming>) -> Result<Reply
     let text = |status: u16, body: String| {
         Ok(Response::builder()
             .status(status)
-            .body(http_body_util::Either::Left(http_body_util::Full::new(Bytes::from(body))))
+            .body(http_body_util::Either::Left(http_body_util::Full::new(
+                Bytes::from(body),
+            )))
             .expect("valid response"))
     };
     if path == "/api/v1/events" {

@@ -379,6 +379,8 @@ mod raw {
     use super::{Count, UsageObject};
 
     /// A non-null `usage` value.
+    // Lives on the stack for one parse; boxing it would cost the allocation this type avoids.
+    #[allow(clippy::large_enum_variant)]
     pub(super) enum UsageField {
         Object(RawUsage),
         /// Not an object: an anomaly.
