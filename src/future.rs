@@ -50,6 +50,16 @@ impl<F> ResponseFuture<F> {
         }
     }
 
+    /// A metered request whose inner service was called already.
+    pub(crate) fn metered(future: F, meter: Meter) -> Self {
+        ResponseFuture {
+            state: State::Call {
+                future,
+                meter: PendingMeter(Some(meter)),
+            },
+        }
+    }
+
     /// A metered request: read the body, then call the inner service.
     pub(crate) fn prepare(prepare: Prepare<F>) -> Self {
         ResponseFuture {

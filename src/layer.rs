@@ -69,6 +69,15 @@ impl fmt::Debug for Config {
 /// A [`Layer`] that meters the token usage of LLM API responses and hands CloudEvents to an
 /// [`EventSink`].
 ///
+/// The request goes to the inner service at once; the body fields the layer needs (`user`,
+/// `model`, `stream`) are read from a bounded copy taken as the inner service reads the body, so
+/// a proxy streams the request upstream with no added latency. A service that answers without
+/// reading the request body to its end gives the layer no body fields (the subject then comes
+/// from the head sources or the fallback; counted in `request_unread`). Two settings need the
+/// body before the inner service is called, and read it first (up to `max_request_body`):
+/// [`ensure_stream_usage`](MeteringLayerBuilder::ensure_stream_usage), which rewrites it, and a
+/// [`Subject::from_fn`](crate::Subject::from_fn) closure, which sees its fields.
+///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
@@ -79,7 +88,8 @@ impl fmt::Debug for Config {
 /// use tower::{ServiceBuilder, ServiceExt};
 /// use tower_openmeter::{MemorySink, MeteringLayer, RequestBody};
 ///
-/// async fn chat(_: Request<RequestBody<Full<Bytes>>>) -> Result<Response<Full<Bytes>>, Infallible> {
+/// async fn chat(request: Request<RequestBody<Full<Bytes>>>) -> Result<Response<Full<Bytes>>, Infallible> {
+///     let _prompt = request.into_body().collect().await?.to_bytes(); // a real handler reads it
 ///     let body = r#"{"id":"chatcmpl-1","model":"gpt-4o","usage":{"prompt_tokens":13,"completion_tokens":7}}"#;
 ///     Ok(Response::builder().header("content-type", "application/json").body(Full::from(body)).unwrap())
 /// }

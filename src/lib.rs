@@ -30,6 +30,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
+mod capture;
 mod decode;
 mod event;
 mod future;

@@ -8,8 +8,10 @@ use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
 use http::response;
 use serde_json::{Map, Value};
 
+use crate::capture::CaptureSlot;
 use crate::inspect::{Inspection, Inspector};
 use crate::layer::Config;
+use crate::subject::HeadSubject;
 use crate::usage::ResponseSummary;
 use crate::{Api, MissingSubject, RequestFields, Subject, UsageRecord, UsageSource};
 
@@ -24,12 +26,19 @@ pub(crate) enum Ended {
     Dropped,
 }
 
+/// The request body's fields: read before the inner service was called, or from the copy
+/// taken while it read the body.
+pub(crate) enum RequestSide {
+    Read(RequestFields),
+    Captured(Arc<CaptureSlot>),
+}
+
 /// A metered request waiting for its response.
 pub(crate) struct Meter {
     config: Arc<Config>,
     api: Api,
-    subject: Option<Subject>,
-    request: RequestFields,
+    subject: HeadSubject,
+    request: RequestSide,
     started: SystemTime,
     labels: Map<String, Value>,
     usage_injected: bool,
@@ -39,8 +48,8 @@ impl Meter {
     pub(crate) fn new(
         config: Arc<Config>,
         api: Api,
-        subject: Option<Subject>,
-        request: RequestFields,
+        subject: HeadSubject,
+        request: RequestSide,
         started: SystemTime,
         labels: Map<String, Value>,
     ) -> Self {
@@ -73,11 +82,6 @@ impl Meter {
         self.usage_injected
     }
 
-    #[allow(dead_code)] // read by the stream inspector
-    pub(crate) fn request(&self) -> &RequestFields {
-        &self.request
-    }
-
     /// Decides from the response head how to read the body; `None` when it is not metered.
     pub(crate) fn start_response(self, head: &response::Parts) -> Option<Box<ActiveMeter>> {
         let stats = &self.config.stats;
@@ -107,6 +111,10 @@ impl Meter {
     /// Turns what the body said into events and hands them to the sink.
     fn conclude(self, inspection: Inspection, ended: Ended) {
         let stats = &self.config.stats;
+        let request = match &self.request {
+            RequestSide::Read(fields) => fields.clone(),
+            RequestSide::Captured(slot) => slot.fields(stats),
+        };
         let complete = ended == Ended::Complete;
         let summary = match inspection {
             Inspection::OverCap => {
@@ -138,7 +146,7 @@ impl Meter {
         }
         let (usage, usage_source) = match summary.usage {
             Some(usage) => (usage, UsageSource::Provider),
-            None if complete && !self.request.stream => {
+            None if complete && !request.stream => {
                 stats.incr(|c| &c.skipped_no_usage);
                 tracing::debug!(api = self.api.as_str(), "response reported no usage");
                 return;
@@ -165,14 +173,14 @@ impl Meter {
                 "response ended early: metered as incomplete"
             );
         }
-        let Some(subject) = self.resolve_subject() else {
+        let Some(subject) = self.resolve_subject(&request) else {
             return;
         };
         let config = &self.config;
         let record = UsageRecord {
             id: crate::record::new_record_id(),
             subject,
-            model: summary.model.or(self.request.model),
+            model: summary.model.or(request.model),
             provider: config
                 .provider
                 .clone()
@@ -181,7 +189,7 @@ impl Meter {
             usage,
             time: self.started,
             response_id: summary.response_id,
-            stream: self.request.stream,
+            stream: request.stream,
             complete,
             usage_source,
             labels: self.labels,
@@ -192,12 +200,16 @@ impl Meter {
         config.sink.send_all(events);
     }
 
-    /// The subject found at request time, or the missing-subject policy's answer.
-    fn resolve_subject(&self) -> Option<Subject> {
-        if let Some(subject) = &self.subject {
-            return Some(subject.clone());
-        }
+    /// The subject the chain resolves to, or the missing-subject policy's answer.
+    fn resolve_subject(&self, request: &RequestFields) -> Option<Subject> {
         let stats = &self.config.stats;
+        if let Some(subject) = self
+            .subject
+            .clone()
+            .with_body(request, self.config.max_subject_len)
+        {
+            return Some(subject);
+        }
         match &self.config.missing_subject {
             MissingSubject::Fallback(fallback) => {
                 stats.incr(|c| &c.subject_fallback);

@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use crate::capture::{BodyEnd, Capture};
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
@@ -29,7 +30,8 @@ pub enum UserField {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RequestFields {
-    /// `user`, the client-chosen end-user id.
+    /// `user`, the client-chosen end-user id (OpenAI); for a body without `user`, Anthropic's
+    /// `metadata.user_id`.
     pub user: Option<UserField>,
     /// `model`, when a non-empty string.
     pub model: Option<String>,
@@ -48,10 +50,15 @@ impl RequestFields {
                 model: Value = "model",
                 stream: Value = "stream",
                 stream_options: Value = "stream_options",
+                metadata: Value = "metadata",
             }
         }
         let top: Top = serde_json::from_slice(body)?;
-        let user = top.user.map(|user| match user {
+        let anthropic_user = || match top.metadata {
+            Some(Value::Object(mut metadata)) => metadata.remove("user_id").filter(|v| !v.is_null()),
+            _ => None,
+        };
+        let user = top.user.or_else(anthropic_user).map(|user| match user {
             Value::String(s) => UserField::String(s),
             Value::Number(n) => UserField::Number(n.to_string()),
             _ => UserField::Other,
@@ -83,15 +90,20 @@ pub(crate) enum BodyRead {
 }
 
 pin_project! {
-    /// The request body the inner service receives: the bytes the layer buffered, replayed
-    /// unchanged, followed by whatever of the original body was not read.
+    /// The request body the inner service receives: exactly the bytes the client sent.
     ///
-    /// For requests the layer does not meter it is the original body, untouched.
+    /// Usually it is the original body, streamed as the inner service reads it while the layer
+    /// keeps a bounded copy to read `user`, `model` and `stream` from. When the layer had to read
+    /// the body first (`ensure_stream_usage`, a subject closure), it is the buffered bytes
+    /// replayed unchanged (or rewritten to ask for stream usage), followed by whatever was not
+    /// read. For requests the layer does not meter it is the original body, untouched.
     pub struct RequestBody<B: Body> {
         prefix: VecDeque<Bytes>,
         prefix_len: u64,
         error: Option<B::Error>,
         trailers: Option<HeaderMap>,
+        // A copy of what the inner service reads of `rest`, for the meter.
+        capture: Option<Capture>,
         #[pin]
         rest: Option<B>,
     }
@@ -105,8 +117,16 @@ impl<B: Body> RequestBody<B> {
             prefix_len: 0,
             error: None,
             trailers: None,
+            capture: None,
             rest: Some(body),
         }
+    }
+
+    /// The original body, copied (within the capture's cap) as the inner service reads it.
+    pub(crate) fn capturing(body: B, capture: Capture) -> Self {
+        let mut body = Self::passthrough(body);
+        body.capture = Some(capture);
+        body
     }
 
     /// A complete body whose bytes were read already.
@@ -137,6 +157,7 @@ impl<B: Body> RequestBody<B> {
             prefix_len,
             error: None,
             trailers: None,
+            capture: None,
             rest,
         }
     }
@@ -217,8 +238,23 @@ where
         if let Some(error) = this.error.take() {
             return Poll::Ready(Some(Err(error)));
         }
-        if let Some(rest) = this.rest.as_mut().as_pin_mut() {
-            match std::task::ready!(rest.poll_frame(cx)) {
+        if let Some(mut rest) = this.rest.as_mut().as_pin_mut() {
+            let frame = std::task::ready!(rest.as_mut().poll_frame(cx));
+            if let Some(capture) = this.capture.as_mut() {
+                match &frame {
+                    Some(Ok(frame)) => {
+                        if let Some(data) = frame.data_ref() {
+                            capture.observe(data);
+                        }
+                        if rest.is_end_stream() {
+                            capture.finish(BodyEnd::Complete);
+                        }
+                    }
+                    Some(Err(_)) => capture.finish(BodyEnd::Failed),
+                    None => capture.finish(BodyEnd::Complete),
+                }
+            }
+            match frame {
                 Some(frame) => return Poll::Ready(Some(frame)),
                 None => this.rest.set(None),
             }
@@ -281,6 +317,16 @@ mod tests {
                 "{other}"
             );
         }
+        let anthropic = br#"{"model":"claude-sonnet-4-5","metadata":{"user_id":"c-7"},"messages":[]}"#;
+        assert_eq!(
+            RequestFields::from_json(anthropic).unwrap().user,
+            Some(UserField::String("c-7".into()))
+        );
+        let both = br#"{"user":"openai-user","metadata":{"user_id":"c-7"}}"#;
+        assert_eq!(
+            RequestFields::from_json(both).unwrap().user,
+            Some(UserField::String("openai-user".into()))
+        );
         assert!(RequestFields::from_json(b"[1,2]").is_err());
         assert!(RequestFields::from_json(b"{not json").is_err());
     }

@@ -10,9 +10,11 @@ use http::{Method, Request, Response, request};
 use http_body::Body;
 use tower::Service;
 
+use crate::capture::Capture;
 use crate::layer::Config;
-use crate::meter::Meter;
+use crate::meter::{Meter, RequestSide};
 use crate::request::{BodyRead, read_capped};
+use crate::subject::HeadSubject;
 use crate::{Api, MeteredBody, RequestBody, RequestFields, ResponseFuture};
 
 /// Meters the LLM requests that pass through it; made by [`MeteringLayer`](crate::MeteringLayer).
@@ -100,6 +102,65 @@ where
         let Some(api) = self.metered_api(&request) else {
             return ResponseFuture::passthrough(self.inner.call(request.map(RequestBody::passthrough)));
         };
+        if self.reads_body_first(api) {
+            self.call_after_reading_body(api, request)
+        } else {
+            self.call_capturing_body(api, request)
+        }
+    }
+}
+
+impl<S> Metering<S> {
+    /// Whether the body must be read before the inner service sees the request: to rewrite it
+    /// (`ensure_stream_usage`) or for a subject closure that looks at its fields.
+    fn reads_body_first(&self, api: Api) -> bool {
+        let may_rewrite =
+            self.config.ensure_stream_usage && matches!(api, Api::ChatCompletions | Api::Completions);
+        may_rewrite || self.config.subject.has_closure()
+    }
+
+    /// The usual path: the request goes to the inner service at once, and its body's fields
+    /// are read from a copy taken as the inner service reads it (see `capture`).
+    fn call_capturing_body<ReqBody, ResBody>(
+        &mut self,
+        api: Api,
+        request: Request<ReqBody>,
+    ) -> ResponseFuture<S::Future>
+    where
+        S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+        ReqBody: Body<Data = Bytes>,
+    {
+        let config = &self.config;
+        let started = SystemTime::now();
+        let (head, body) = request.into_parts();
+        let subject = config.subject.resolve_head(&head, config.max_subject_len);
+        let labels = config.data_fields.as_ref().map(|f| f(&head)).unwrap_or_default();
+        let (body, request_side) = if declared_over_cap(config, &head) {
+            config.stats.incr(|c| &c.request_over_cap);
+            let side = RequestSide::Read(RequestFields::default());
+            (RequestBody::passthrough(body), side)
+        } else {
+            let (capture, slot) = Capture::new(config.max_request_body);
+            (RequestBody::capturing(body, capture), RequestSide::Captured(slot))
+        };
+        let meter = Meter::new(config.clone(), api, subject, request_side, started, labels);
+        let future = self.inner.call(Request::from_parts(head, body));
+        ResponseFuture::metered(future, meter)
+    }
+
+    /// Reads the body (within the cap) before calling the inner service, which then gets the
+    /// same bytes, or the rewritten ones with `ensure_stream_usage`.
+    fn call_after_reading_body<ReqBody, ResBody>(
+        &mut self,
+        api: Api,
+        request: Request<ReqBody>,
+    ) -> ResponseFuture<S::Future>
+    where
+        S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        ReqBody: Body<Data = Bytes> + Send + Unpin + 'static,
+        ReqBody::Error: Send,
+    {
         // The ready service goes into the future; this one keeps a fresh clone.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -111,11 +172,22 @@ where
             let (body, injected) = ensure_stream_usage(&config, api, &mut head, body, &fields);
             let subject = config.subject.resolve(&head, &fields, config.max_subject_len);
             let labels = config.data_fields.as_ref().map(|f| f(&head)).unwrap_or_default();
-            let mut meter = Meter::new(config, api, subject, fields, started, labels);
+            let subject = HeadSubject::Decided(subject);
+            let request_side = RequestSide::Read(fields);
+            let mut meter = Meter::new(config, api, subject, request_side, started, labels);
             meter.set_usage_injected(injected);
             (inner.call(Request::from_parts(head, body)), meter)
         }))
     }
+}
+
+/// Whether `Content-Length` says the body is over the cap (then it is not read at all).
+fn declared_over_cap(config: &Config, head: &request::Parts) -> bool {
+    head.headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|len| len > config.max_request_body as u64)
 }
 
 /// Reads the request body within the cap and the fields metering needs from it. The body
@@ -125,14 +197,9 @@ where
     B: Body<Data = Bytes> + Unpin,
 {
     let stats = &config.stats;
-    let declared = head
-        .headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > config.max_request_body as u64) {
+    if declared_over_cap(config, head) {
         stats.incr(|c| &c.request_over_cap);
-        tracing::debug!(?declared, "request body over the cap: fields not read");
+        tracing::debug!("request body over the cap: fields not read");
         return (RequestBody::passthrough(body), RequestFields::default());
     }
     let (body, bytes, read) = read_capped(body, config.max_request_body).await;

@@ -49,6 +49,9 @@ counters! {
     request_invalid_json,
     /// Request bodies whose read failed (passed on with the error).
     request_body_error,
+    /// Request bodies the inner service had not read to the end when the response ended, so
+    /// their fields were not read.
+    request_unread,
     /// Records billed to the fallback subject because no source yielded one.
     subject_fallback,
     /// Records dropped because no subject was found and the policy is to skip.

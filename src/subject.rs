@@ -206,6 +206,74 @@ impl SubjectChain {
     }
 }
 
+/// What the head sources (extensions, headers) say before the body has been read, for
+/// chains without a closure: the body `user` can then be taken later from a copy of the body.
+#[derive(Clone, Debug)]
+pub(crate) enum HeadSubject {
+    /// Final: a source before the body `user` decided, or the chain does not read the body.
+    Decided(Option<Subject>),
+    /// The body `user` decides; failing it, this (the first source after it that yielded).
+    AfterBodyUser(Option<Subject>),
+}
+
+impl HeadSubject {
+    /// The subject once the body's fields are known.
+    pub(crate) fn with_body(self, fields: &RequestFields, max_len: usize) -> Option<Subject> {
+        match self {
+            HeadSubject::Decided(subject) => subject,
+            HeadSubject::AfterBodyUser(after) => {
+                body_user(fields).and_then(|user| usable(user, max_len)).or(after)
+            }
+        }
+    }
+}
+
+impl SubjectChain {
+    /// Whether a closure source is in the chain: closures see the body's fields, so the body
+    /// must be read before the inner service is called.
+    pub(crate) fn has_closure(&self) -> bool {
+        self.sources.iter().any(|s| matches!(s, Source::Fn(_)))
+    }
+
+    /// Tries the head sources now; see [`HeadSubject`]. Closure sources are skipped (callers
+    /// with a closure in the chain use [`SubjectChain::resolve`]).
+    pub(crate) fn resolve_head(&self, parts: &Parts, max_len: usize) -> HeadSubject {
+        let no_body = RequestFields::default();
+        let mut after_body_user = None;
+        let mut body_user_seen = false;
+        for source in &self.sources {
+            match source {
+                Source::BodyUser => body_user_seen = true,
+                Source::Fn(_) => {}
+                _ => {
+                    let Some(subject) =
+                        source_value(source, parts, &no_body).and_then(|v| usable(v, max_len))
+                    else {
+                        continue;
+                    };
+                    if !body_user_seen {
+                        return HeadSubject::Decided(Some(subject));
+                    }
+                    after_body_user.get_or_insert(subject);
+                }
+            }
+        }
+        if body_user_seen {
+            HeadSubject::AfterBodyUser(after_body_user)
+        } else {
+            HeadSubject::Decided(None)
+        }
+    }
+}
+
+fn body_user(fields: &RequestFields) -> Option<String> {
+    match &fields.user {
+        Some(UserField::String(s)) => Some(s.clone()),
+        Some(UserField::Number(n)) => Some(n.clone()),
+        _ => None,
+    }
+}
+
 fn source_value(source: &Source, parts: &Parts, fields: &RequestFields) -> Option<String> {
     match source {
         Source::Extension(read, _) => read(&parts.extensions),
@@ -214,11 +282,7 @@ fn source_value(source: &Source, parts: &Parts, fields: &RequestFields) -> Optio
             .get(name)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned),
-        Source::BodyUser => match &fields.user {
-            Some(UserField::String(s)) => Some(s.clone()),
-            Some(UserField::Number(n)) => Some(n.clone()),
-            _ => None,
-        },
+        Source::BodyUser => body_user(fields),
         Source::Fn(f) => f(parts, fields),
     }
 }

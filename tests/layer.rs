@@ -460,3 +460,75 @@ async fn a_non_json_body_on_an_api_path_passes_through_and_is_counted_once() {
     );
     assert!(sink.events().is_empty());
 }
+
+#[tokio::test]
+async fn a_service_that_does_not_read_the_body_gets_head_sources_only_and_it_is_counted() {
+    let sink = MemorySink::new();
+    let layer = MeteringLayer::builder()
+        .sink(sink.clone())
+        .subject(Subject::body_user().or_header("x-customer"))
+        .build();
+    let stats = layer.stats();
+    let app = Router::new()
+        .route("/v1/chat/completions", post(|| async { json_response(CHAT) }))
+        .layer(layer);
+    let request = chat_request()
+        .header("x-customer", "from-header")
+        .body(Body::from(r#"{"user":"from-body"}"#))
+        .unwrap();
+    let response = app.oneshot(request).await.unwrap();
+    response.into_body().collect().await.unwrap();
+    let events = sink.wait_for(3, Duration::from_secs(5)).await.unwrap();
+    assert!(events.iter().all(|e| e.subject.as_str() == "from-header"));
+    assert_eq!(stats.snapshot().request_unread, 1);
+}
+
+#[tokio::test]
+async fn a_closure_source_sees_the_body_fields_read_before_the_call() {
+    let sink = MemorySink::new();
+    let received = Received::default();
+    let layer = MeteringLayer::builder()
+        .sink(sink.clone())
+        .subject(Subject::from_fn(|head, fields| {
+            let tenant = head.headers.get("x-tenant")?.to_str().ok()?;
+            Some(format!("{tenant}:{}", fields.model.as_deref()?))
+        }))
+        .build();
+    let app = upstream(received.clone()).layer(layer);
+    let body = r#"{"model":"gpt-4o","user":"ignored"}"#;
+    let request = chat_request()
+        .header("x-tenant", "acme")
+        .body(Body::from(body))
+        .unwrap();
+    app.oneshot(request)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap();
+    let events = sink.wait_for(3, Duration::from_secs(5)).await.unwrap();
+    assert!(events.iter().all(|e| e.subject.as_str() == "acme:gpt-4o"));
+    assert_eq!(received.all(), vec![Bytes::from(body)]);
+}
+
+#[tokio::test]
+async fn anthropic_metadata_user_id_is_the_body_user() {
+    let sink = MemorySink::new();
+    let app = upstream(Received::default()).layer(MeteringLayer::new(sink.clone()));
+    let body =
+        r#"{"model":"claude-sonnet-4-5","max_tokens":64,"metadata":{"user_id":"customer-9"},"messages":[]}"#;
+    let request = Request::post("/v1/messages")
+        .header("content-type", "application/json")
+        .body(Body::from(body))
+        .unwrap();
+    app.oneshot(request)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap();
+    let events = sink.wait_for(4, Duration::from_secs(5)).await.unwrap();
+    assert!(events.iter().all(|e| e.subject.as_str() == "customer-9"));
+}
