@@ -311,7 +311,15 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     drain: Duration,
 ) -> std::io::Result<Stopped> {
+    use axum::serve::ListenerExt;
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    // Streamed chunks go out at once: without TCP_NODELAY, Nagle's algorithm holds a small SSE
+    // chunk until the client acknowledges the previous one (up to 40 ms with delayed ACKs).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY");
+        }
+    });
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         let _ = stop_rx.wait_for(|stop| *stop).await;
     });
@@ -357,6 +365,7 @@ pub fn upstream_client() -> reqwest::Result<reqwest::Client> {
         .connect_timeout(Duration::from_secs(10))
         .pool_idle_timeout(Duration::from_secs(90))
         .tcp_keepalive(Duration::from_secs(60))
+        .tcp_nodelay(true)
         .build()
 }
 
