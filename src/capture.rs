@@ -12,13 +12,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 use bytes::Bytes;
 
 use crate::RequestFields;
+use crate::chunks::Chunks;
 use crate::stats::MeteringStats;
 
 /// How far the inner service read the request body by the time the response ended.
 #[derive(Debug)]
 enum Captured {
     /// All of it, within the cap.
-    Complete(Bytes),
+    Complete(Chunks),
     /// More than the cap.
     OverCap,
     /// The body failed.
@@ -36,7 +37,7 @@ impl CaptureSlot {
     pub(crate) fn fields(&self, stats: &MeteringStats) -> RequestFields {
         let captured = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
         match captured {
-            Some(Captured::Complete(bytes)) => RequestFields::from_json(&bytes).unwrap_or_else(|error| {
+            Some(Captured::Complete(body)) => RequestFields::from_chunks(body).unwrap_or_else(|error| {
                 stats.incr(|c| &c.request_invalid_json);
                 tracing::debug!(%error, "request body is not a JSON object: fields not read");
                 RequestFields::default()
@@ -74,8 +75,7 @@ pub(crate) enum BodyEnd {
 /// Publishes on the body's end, or as unfinished when dropped first.
 #[derive(Debug)]
 pub(crate) struct Capture {
-    chunks: Vec<Bytes>,
-    len: usize,
+    chunks: Chunks,
     cap: usize,
     over_cap: bool,
     slot: Option<Arc<CaptureSlot>>,
@@ -86,8 +86,7 @@ impl Capture {
     pub(crate) fn new(cap: usize) -> (Self, Arc<CaptureSlot>) {
         let slot = Arc::new(CaptureSlot::default());
         let capture = Capture {
-            chunks: Vec::new(),
-            len: 0,
+            chunks: Chunks::default(),
             cap,
             over_cap: false,
             slot: Some(slot.clone()),
@@ -99,12 +98,11 @@ impl Capture {
         if self.over_cap || self.slot.is_none() {
             return;
         }
-        self.len = self.len.saturating_add(data.len());
-        if self.len > self.cap {
+        if self.chunks.len().saturating_add(data.len()) > self.cap {
             self.over_cap = true;
-            self.chunks = Vec::new();
-        } else if !data.is_empty() {
-            self.chunks.push(data.clone());
+            self.chunks.clear();
+        } else {
+            self.chunks.push(data);
         }
     }
 
@@ -116,10 +114,7 @@ impl Capture {
         let captured = match end {
             BodyEnd::Failed => Captured::Failed,
             BodyEnd::Complete if self.over_cap => Captured::OverCap,
-            BodyEnd::Complete => {
-                let chunks = std::mem::take(&mut self.chunks);
-                Captured::Complete(crate::request::concat(chunks.into(), self.len))
-            }
+            BodyEnd::Complete => Captured::Complete(std::mem::take(&mut self.chunks)),
         };
         slot.publish(captured);
     }

@@ -6,12 +6,13 @@ use http::HeaderMap;
 use http::header::CONTENT_TYPE;
 
 use crate::Api;
+use crate::chunks::Chunks;
 use crate::decode::{Coding, DecodeError, Decoder};
 use crate::layer::Config;
 use crate::meter::Meter;
 use crate::sse::SseScanner;
 use crate::stream_usage::StreamUsage;
-use crate::usage::{ResponseSummary, parse_json_response};
+use crate::usage::{ResponseSummary, parse_json_response_chunks};
 
 /// The last bytes of an over-long SSE `data:` line kept to find its usage.
 const LONG_LINE_TAIL: usize = 64 * 1024;
@@ -194,8 +195,7 @@ fn is_json(media: &[u8]) -> bool {
 /// Keeps a bounded copy of a JSON body (reference-counted chunks, no copying) and parses it at
 /// the end.
 pub(crate) struct JsonCollector {
-    chunks: Vec<Bytes>,
-    len: usize,
+    chunks: Chunks,
     cap: usize,
     over_cap: bool,
 }
@@ -203,8 +203,7 @@ pub(crate) struct JsonCollector {
 impl JsonCollector {
     fn new(cap: usize) -> Self {
         JsonCollector {
-            chunks: Vec::new(),
-            len: 0,
+            chunks: Chunks::default(),
             cap,
             over_cap: false,
         }
@@ -214,12 +213,11 @@ impl JsonCollector {
         if self.over_cap {
             return;
         }
-        self.len = self.len.saturating_add(data.len());
-        if self.len > self.cap {
+        if self.chunks.len().saturating_add(data.len()) > self.cap {
             self.over_cap = true;
-            self.chunks = Vec::new();
-        } else if !data.is_empty() {
-            self.chunks.push(data.clone());
+            self.chunks.clear();
+        } else {
+            self.chunks.push(data);
         }
     }
 
@@ -227,8 +225,7 @@ impl JsonCollector {
         if self.over_cap {
             return Inspection::OverCap;
         }
-        let body = crate::request::concat(self.chunks.into(), self.len);
-        match parse_json_response(api, &body) {
+        match parse_json_response_chunks(api, self.chunks) {
             Ok(summary) => Inspection::Summary(summary),
             Err(_) => Inspection::Unparsed,
         }

@@ -31,6 +31,7 @@
 
 mod body;
 mod capture;
+mod chunks;
 mod decode;
 mod event;
 mod future;

@@ -44,16 +44,15 @@ pub struct RequestFields {
 impl RequestFields {
     /// Reads the fields from a JSON body; `Err` when the body is not a JSON object.
     pub fn from_json(body: &[u8]) -> Result<Self, serde_json::Error> {
-        crate::lenient::lenient_struct! {
-            struct Top {
-                user: Value = "user",
-                model: Value = "model",
-                stream: Value = "stream",
-                stream_options: Value = "stream_options",
-                metadata: Value = "metadata",
-            }
-        }
-        let top: Top = serde_json::from_slice(body)?;
+        Ok(Self::from_top(serde_json::from_slice(body)?))
+    }
+
+    /// [`RequestFields::from_json`] over a body kept as chunks (see `chunks`).
+    pub(crate) fn from_chunks(body: crate::chunks::Chunks) -> Result<Self, serde_json::Error> {
+        Ok(Self::from_top(body.deserialize()?))
+    }
+
+    fn from_top(top: RequestTop) -> Self {
         let anthropic_user = || match top.metadata {
             Some(Value::Object(mut metadata)) => metadata.remove("user_id").filter(|v| !v.is_null()),
             _ => None,
@@ -69,12 +68,22 @@ impl RequestFields {
             .and_then(|o| o.get("include_usage"))
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        Ok(RequestFields {
+        RequestFields {
             user,
             model: crate::usage::string_field(top.model),
             stream: top.stream.and_then(|s| s.as_bool()).unwrap_or(false),
             include_usage,
-        })
+        }
+    }
+}
+
+crate::lenient::lenient_struct! {
+    struct RequestTop {
+        user: Value = "user",
+        model: Value = "model",
+        stream: Value = "stream",
+        stream_options: Value = "stream_options",
+        metadata: Value = "metadata",
     }
 }
 

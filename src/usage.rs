@@ -318,10 +318,22 @@ pub(crate) struct ResponseSummary {
 /// It reads exactly what [`Usage::from_api_json`] reads from the same JSON (a test checks this
 /// on arbitrary input), so [`summarize`] and this give the same summary.
 pub(crate) fn parse_json_response(api: Api, body: &[u8]) -> Result<ResponseSummary, serde_json::Error> {
-    crate::lenient::lenient_struct! {
-        struct Top { model: Value = "model", id: Value = "id", usage: raw::UsageField = "usage" }
-    }
-    let top: Top = serde_json::from_slice(body)?;
+    Ok(summarize_top(api, serde_json::from_slice(body)?))
+}
+
+/// [`parse_json_response`] over a body kept as chunks (see `chunks`).
+pub(crate) fn parse_json_response_chunks(
+    api: Api,
+    body: crate::chunks::Chunks,
+) -> Result<ResponseSummary, serde_json::Error> {
+    Ok(summarize_top(api, body.deserialize()?))
+}
+
+crate::lenient::lenient_struct! {
+    struct ResponseTop { model: Value = "model", id: Value = "id", usage: raw::UsageField = "usage" }
+}
+
+fn summarize_top(api: Api, top: ResponseTop) -> ResponseSummary {
     let (usage, anomalies) = match top.usage {
         Some(raw::UsageField::Object(raw)) => {
             let (usage, anomalies) = Usage::from_object(api, &raw);
@@ -330,12 +342,12 @@ pub(crate) fn parse_json_response(api: Api, body: &[u8]) -> Result<ResponseSumma
         None => (None, 0),
         Some(raw::UsageField::Other) => (None, 1),
     };
-    Ok(ResponseSummary {
+    ResponseSummary {
         model: string_field(top.model),
         response_id: string_field(top.id),
         usage,
         anomalies,
-    })
+    }
 }
 
 /// Builds a summary from the three fields every API's response (or final stream event) has.
