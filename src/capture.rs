@@ -76,8 +76,6 @@ pub(crate) enum BodyEnd {
 #[derive(Debug)]
 pub(crate) struct Capture {
     chunks: Chunks,
-    cap: usize,
-    over_cap: bool,
     slot: Option<Arc<CaptureSlot>>,
 }
 
@@ -86,22 +84,14 @@ impl Capture {
     pub(crate) fn new(cap: usize) -> (Self, Arc<CaptureSlot>) {
         let slot = Arc::new(CaptureSlot::default());
         let capture = Capture {
-            chunks: Chunks::default(),
-            cap,
-            over_cap: false,
+            chunks: Chunks::bounded(cap),
             slot: Some(slot.clone()),
         };
         (capture, slot)
     }
 
     pub(crate) fn observe(&mut self, data: &Bytes) {
-        if self.over_cap || self.slot.is_none() {
-            return;
-        }
-        if self.chunks.len().saturating_add(data.len()) > self.cap {
-            self.over_cap = true;
-            self.chunks.clear();
-        } else {
+        if self.slot.is_some() {
             self.chunks.push(data);
         }
     }
@@ -113,8 +103,8 @@ impl Capture {
         };
         let captured = match end {
             BodyEnd::Failed => Captured::Failed,
-            BodyEnd::Complete if self.over_cap => Captured::OverCap,
-            BodyEnd::Complete => Captured::Complete(std::mem::take(&mut self.chunks)),
+            BodyEnd::Complete if self.chunks.is_over_cap() => Captured::OverCap,
+            BodyEnd::Complete => Captured::Complete(std::mem::replace(&mut self.chunks, Chunks::bounded(0))),
         };
         slot.publish(captured);
     }
@@ -123,7 +113,7 @@ impl Capture {
 impl Drop for Capture {
     fn drop(&mut self) {
         if let Some(slot) = self.slot.take() {
-            let captured = if self.over_cap {
+            let captured = if self.chunks.is_over_cap() {
                 Captured::OverCap
             } else {
                 Captured::Unfinished

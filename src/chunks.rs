@@ -1,5 +1,5 @@
-//! A body's bytes as they arrived, kept without copying, and read as JSON without joining them
-//! when that would double the memory held.
+//! A body's bytes as they arrived, kept without copying up to a cap, and read as JSON without
+//! joining them when that would double the memory held.
 
 use std::collections::VecDeque;
 use std::io::{self, Read};
@@ -12,29 +12,43 @@ use serde::de::DeserializeOwned;
 /// the chunks.
 const JOIN_LIMIT: usize = 64 * 1024;
 
-/// The chunks of a body, shared with the frames they came in (no copy).
-#[derive(Debug, Default)]
+/// The chunks of a body, shared with the frames they came in (no copy), up to a cap: past it
+/// every chunk is let go and the body is marked over the cap.
+#[derive(Debug)]
 pub(crate) struct Chunks {
     parts: VecDeque<Bytes>,
     len: usize,
+    cap: usize,
+    over_cap: bool,
 }
 
 impl Chunks {
+    /// Holds at most `cap` bytes.
+    pub(crate) fn bounded(cap: usize) -> Self {
+        Chunks {
+            parts: VecDeque::new(),
+            len: 0,
+            cap,
+            over_cap: false,
+        }
+    }
+
     pub(crate) fn push(&mut self, data: &Bytes) {
-        if !data.is_empty() {
-            self.len = self.len.saturating_add(data.len());
+        if self.over_cap || data.is_empty() {
+            return;
+        }
+        self.len = self.len.saturating_add(data.len());
+        if self.len > self.cap {
+            self.over_cap = true;
+            self.parts = VecDeque::new();
+        } else {
             self.parts.push_back(data.clone());
         }
     }
 
-    /// Bytes held.
-    pub(crate) fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Lets go of every chunk.
-    pub(crate) fn clear(&mut self) {
-        *self = Chunks::default();
+    /// Whether more than the cap arrived (and so nothing is held).
+    pub(crate) fn is_over_cap(&self) -> bool {
+        self.over_cap
     }
 
     /// Parses the body as JSON: a single chunk in place, a small body joined, a large one read
@@ -75,7 +89,7 @@ mod tests {
     use serde_json::Value;
 
     fn chunks_of(body: &[u8], size: usize) -> Chunks {
-        let mut chunks = Chunks::default();
+        let mut chunks = Chunks::bounded(usize::MAX);
         for piece in body.chunks(size) {
             chunks.push(&Bytes::copy_from_slice(piece));
         }
@@ -92,16 +106,25 @@ mod tests {
             (big.as_bytes(), 4096),
             (big.as_bytes(), 7),
         ] {
-            let chunks = chunks_of(body, size);
-            assert_eq!(chunks.len(), body.len());
-            let parsed: Value = chunks.deserialize().unwrap();
+            let parsed: Value = chunks_of(body, size).deserialize().unwrap();
             assert_eq!(parsed, serde_json::from_slice::<Value>(body).unwrap());
         }
-        assert!(Chunks::default().deserialize::<Value>().is_err());
+        assert!(Chunks::bounded(10).deserialize::<Value>().is_err());
         assert!(
             chunks_of(&big.as_bytes()[..100_000], 999)
                 .deserialize::<Value>()
                 .is_err()
         );
+    }
+
+    #[test]
+    fn past_the_cap_nothing_is_held() {
+        let mut chunks = Chunks::bounded(4);
+        chunks.push(&Bytes::from_static(b"{\"a"));
+        assert!(!chunks.is_over_cap());
+        chunks.push(&Bytes::from_static(b"\":1}"));
+        assert!(chunks.is_over_cap() && chunks.parts.is_empty());
+        chunks.push(&Bytes::from_static(b"x"));
+        assert!(chunks.is_over_cap() && chunks.parts.is_empty());
     }
 }

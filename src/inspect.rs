@@ -196,33 +196,21 @@ fn is_json(media: &[u8]) -> bool {
 /// the end.
 pub(crate) struct JsonCollector {
     chunks: Chunks,
-    cap: usize,
-    over_cap: bool,
 }
 
 impl JsonCollector {
     fn new(cap: usize) -> Self {
         JsonCollector {
-            chunks: Chunks::default(),
-            cap,
-            over_cap: false,
+            chunks: Chunks::bounded(cap),
         }
     }
 
     fn observe(&mut self, data: &Bytes) {
-        if self.over_cap {
-            return;
-        }
-        if self.chunks.len().saturating_add(data.len()) > self.cap {
-            self.over_cap = true;
-            self.chunks.clear();
-        } else {
-            self.chunks.push(data);
-        }
+        self.chunks.push(data);
     }
 
     fn finish(self, api: Api) -> Inspection {
-        if self.over_cap {
+        if self.chunks.is_over_cap() {
             return Inspection::OverCap;
         }
         match parse_json_response_chunks(api, self.chunks) {

@@ -296,11 +296,15 @@ async fn over_cap_and_invalid_json_requests_reach_the_upstream_byte_identical() 
     assert_eq!(s.subject_fallback, 3);
 }
 
+/// Sends one request to `app` with `oneshot` and reads the whole response body.
+async fn send_oneshot(app: Router, request: Request) -> Bytes {
+    let response = app.oneshot(request).await.unwrap();
+    response.into_body().collect().await.unwrap().to_bytes()
+}
+
 /// Sends one chat request through the layer with `oneshot` and returns the subjects billed.
 async fn subjects_for(layer: MeteringLayer, sink: &MemorySink, request: Request) -> Vec<String> {
-    let app = upstream(Received::default()).layer(layer);
-    let response = app.oneshot(request).await.unwrap();
-    response.into_body().collect().await.unwrap();
+    send_oneshot(upstream(Received::default()).layer(layer), request).await;
     sink.take()
         .iter()
         .map(|e| e.subject.as_str().to_owned())
@@ -418,13 +422,7 @@ async fn the_json_reaching_the_sink_always_has_a_string_subject() {
             .body(Body::from(json!({"user": user}).to_string()))
             .unwrap();
         let app = upstream(Received::default()).layer(layer.clone());
-        app.oneshot(request)
-            .await
-            .unwrap()
-            .into_body()
-            .collect()
-            .await
-            .unwrap();
+        send_oneshot(app, request).await;
     }
     let events = sink.wait_for(18, Duration::from_secs(5)).await.unwrap();
     for event in events {
@@ -447,11 +445,7 @@ async fn a_non_json_body_on_an_api_path_passes_through_and_is_counted_once() {
         .header("content-type", "text/plain")
         .body(Body::from("user=someone"))
         .unwrap();
-    let response = app.oneshot(request).await.unwrap();
-    assert_eq!(
-        response.into_body().collect().await.unwrap().to_bytes(),
-        CHAT.as_bytes()
-    );
+    assert_eq!(send_oneshot(app, request).await, CHAT.as_bytes());
     assert_eq!(received.all(), vec![Bytes::from("user=someone")]);
     let s = stats.snapshot();
     assert_eq!(
@@ -476,8 +470,7 @@ async fn a_service_that_does_not_read_the_body_gets_head_sources_only_and_it_is_
         .header("x-customer", "from-header")
         .body(Body::from(r#"{"user":"from-body"}"#))
         .unwrap();
-    let response = app.oneshot(request).await.unwrap();
-    response.into_body().collect().await.unwrap();
+    send_oneshot(app, request).await;
     let events = sink.wait_for(3, Duration::from_secs(5)).await.unwrap();
     assert!(events.iter().all(|e| e.subject.as_str() == "from-header"));
     assert_eq!(stats.snapshot().request_unread, 1);
@@ -500,13 +493,7 @@ async fn a_closure_source_sees_the_body_fields_read_before_the_call() {
         .header("x-tenant", "acme")
         .body(Body::from(body))
         .unwrap();
-    app.oneshot(request)
-        .await
-        .unwrap()
-        .into_body()
-        .collect()
-        .await
-        .unwrap();
+    send_oneshot(app, request).await;
     let events = sink.wait_for(3, Duration::from_secs(5)).await.unwrap();
     assert!(events.iter().all(|e| e.subject.as_str() == "acme:gpt-4o"));
     assert_eq!(received.all(), vec![Bytes::from(body)]);
@@ -522,13 +509,7 @@ async fn anthropic_metadata_user_id_is_the_body_user() {
         .header("content-type", "application/json")
         .body(Body::from(body))
         .unwrap();
-    app.oneshot(request)
-        .await
-        .unwrap()
-        .into_body()
-        .collect()
-        .await
-        .unwrap();
+    send_oneshot(app, request).await;
     let events = sink.wait_for(4, Duration::from_secs(5)).await.unwrap();
     assert!(events.iter().all(|e| e.subject.as_str() == "customer-9"));
 }
