@@ -8,10 +8,7 @@ mod proxy;
 mod support;
 
 use std::collections::HashMap;
-use std::convert::Infallible;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -21,10 +18,10 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use axum::routing::{any, post};
 use bytes::Bytes;
-use http_body::Frame;
 use http_body_util::BodyExt;
 use proxy::{Config, ShapeName};
 use serde_json::{Value, json};
+use support::upstream::ChannelBody;
 use tokio::sync::mpsc;
 use tower_openmeter::MemorySink;
 
@@ -40,23 +37,6 @@ const SSE: [&str; 4] = [
 /// What the upstream streams when usage was not asked for.
 fn sse_without_usage() -> String {
     [SSE[0], SSE[1], SSE[3]].concat().replace(",\"usage\":null", "")
-}
-
-/// A response body fed by the test, one frame per message.
-struct ChannelBody(mpsc::Receiver<Bytes>);
-
-impl http_body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = Infallible;
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.get_mut()
-            .0
-            .poll_recv(cx)
-            .map(|b| b.map(|b| Ok(Frame::data(b))))
-    }
 }
 
 /// The sender of the latest `/controlled` stream.

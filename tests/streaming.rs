@@ -21,7 +21,7 @@ use bytes::Bytes;
 use http_body::Frame;
 use http_body_util::BodyExt;
 use serde_json::Value;
-use support::upstream::{Received, client, serve};
+use support::upstream::{ChannelBody, Received, client, serve};
 use tower_openmeter::{CloudEvent, MemorySink, MeteringLayer};
 
 const CHAT_HEAD: &str = r#"{"id":"chatcmpl-B9","object":"chat.completion.chunk","created":1741000000,"model":"gpt-4o-2024-08-06","service_tier":"default","system_fingerprint":"fp_f9f4fb6dbf","choices":"#;
@@ -110,23 +110,6 @@ impl http_body::Body for Frames {
             None => this.more.as_mut().and_then(|more| more()),
         };
         Poll::Ready(next.map(|b| Ok(Frame::data(b))))
-    }
-}
-
-/// A body fed by a channel: frames as a task sends them, until the task stops.
-struct Channel(tokio::sync::mpsc::Receiver<Bytes>);
-
-impl http_body::Body for Channel {
-    type Data = Bytes;
-    type Error = Infallible;
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.get_mut()
-            .0
-            .poll_recv(cx)
-            .map(|b| b.map(|b| Ok(Frame::data(b))))
     }
 }
 
@@ -361,7 +344,7 @@ fn endless(head: &'static str) -> Body {
             }
         }
     });
-    Body::new(Channel(rx))
+    Body::new(ChannelBody(rx))
 }
 
 #[tokio::test]
