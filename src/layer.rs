@@ -235,8 +235,10 @@ impl MeteringLayerBuilder {
         self
     }
 
-    /// How much of a request body is buffered to read `user`, `model` and `stream` (default
-    /// 32 MiB). A larger body is still passed on whole, with its fields unread.
+    /// How much of a request body is kept to read `user`, `model` and `stream` (default
+    /// 32 MiB): a copy sharing the frames the inner service reads, or, when the body must be
+    /// read first, the buffered body. A larger body is still passed on whole, with its fields
+    /// unread (counted in `request_over_cap`).
     pub fn max_request_body(mut self, bytes: usize) -> Self {
         self.max_request_body = bytes;
         self
