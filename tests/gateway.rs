@@ -683,8 +683,17 @@ fn config_errors_name_the_variable() {
     assert!(error.message.contains("OPENMETER_URL"));
 }
 
-#[tokio::test]
-async fn shutdown_stops_accepting_and_lets_in_flight_streams_finish() {
+/// A gateway (no metering) with `drain` as its shutdown bound, and one streaming request in
+/// flight through it whose first chunk has arrived; the test sends the rest through `tx`.
+async fn gateway_with_one_stream(
+    drain: Duration,
+) -> (
+    String,
+    reqwest::Response,
+    mpsc::Sender<Bytes>,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::io::Result<proxy::Stopped>>,
+) {
     let controlled = Controlled::default();
     let upstream_base = serve(upstream(controlled.clone())).await;
     let config = config(&[("UPSTREAM_URL", &upstream_base)]).unwrap();
@@ -692,15 +701,10 @@ async fn shutdown_stops_accepting_and_lets_in_flight_streams_finish() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let gateway = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(proxy::serve(
-        listener,
-        app,
-        async move {
-            let _ = stopped.await;
-        },
-        Duration::from_secs(5),
-    ));
-
+    let shutdown = async move {
+        let _ = stopped.await;
+    };
+    let server = tokio::spawn(proxy::serve(listener, app, shutdown, drain));
     let mut response = client()
         .post(format!("{gateway}/controlled/v1/chat/completions"))
         .body("{}")
@@ -710,6 +714,12 @@ async fn shutdown_stops_accepting_and_lets_in_flight_streams_finish() {
     let tx = controlled.take().await;
     tx.send(Bytes::from_static(SSE[0].as_bytes())).await.unwrap();
     assert_eq!(response.chunk().await.unwrap().unwrap(), SSE[0].as_bytes());
+    (gateway, response, tx, stop, server)
+}
+
+#[tokio::test]
+async fn shutdown_stops_accepting_and_lets_in_flight_streams_finish() {
+    let (gateway, mut response, tx, stop, server) = gateway_with_one_stream(Duration::from_secs(5)).await;
 
     stop.send(()).unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -742,30 +752,7 @@ async fn shutdown_stops_accepting_and_lets_in_flight_streams_finish() {
 
 #[tokio::test]
 async fn shutdown_drain_is_bounded() {
-    let controlled = Controlled::default();
-    let upstream_base = serve(upstream(controlled.clone())).await;
-    let config = config(&[("UPSTREAM_URL", &upstream_base)]).unwrap();
-    let app = proxy::app(&config, proxy::upstream_client().unwrap(), None);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let gateway = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(proxy::serve(
-        listener,
-        app,
-        async move {
-            let _ = stopped.await;
-        },
-        Duration::from_millis(300),
-    ));
-    let mut response = client()
-        .post(format!("{gateway}/controlled/v1/chat/completions"))
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
-    let tx = controlled.take().await;
-    tx.send(Bytes::from_static(SSE[0].as_bytes())).await.unwrap();
-    assert_eq!(response.chunk().await.unwrap().unwrap(), SSE[0].as_bytes());
+    let (_, response, tx, stop, server) = gateway_with_one_stream(Duration::from_millis(300)).await;
     stop.send(()).unwrap();
     let stopped = tokio::time::timeout(Duration::from_secs(5), server)
         .await
