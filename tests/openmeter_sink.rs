@@ -92,6 +92,45 @@ async fn delivers_every_event_once_in_batches() {
 }
 
 #[tokio::test]
+async fn a_full_batch_goes_at_once_and_a_partial_one_waits_for_the_flush_interval() {
+    let fake = FakeOpenMeter::start().await;
+    let sink = OpenMeterSink::builder(fake.base_url())
+        .batch_size(10)
+        .flush_interval(Duration::from_millis(1500))
+        .build()
+        .unwrap();
+    // The first event starts a batch; the tenth completes it and it is sent without waiting.
+    let started = std::time::Instant::now();
+    for i in 0..10 {
+        sink.send(event(i));
+    }
+    fake.wait_for_events(10, Duration::from_secs(1)).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        started.elapsed()
+    );
+    // Five more: a partial batch waits for the interval, then goes as one request.
+    for i in 10..15 {
+        sink.send(event(i));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        fake.requests().len(),
+        1,
+        "a partial batch is held until its flush time"
+    );
+    fake.wait_for_events(15, Duration::from_secs(3)).await.unwrap();
+    let sizes: Vec<usize> = fake
+        .requests()
+        .iter()
+        .map(|r| serde_json::from_slice::<Vec<Value>>(&r.body).unwrap().len())
+        .collect();
+    assert_eq!(sizes, vec![10, 5]);
+    assert!(sink.shutdown(Duration::from_secs(5)).await.is_lossless());
+}
+
+#[tokio::test]
 async fn exact_wire_format() {
     let fake = FakeOpenMeter::start_with_key("om_test_key").await;
     let sink = fast(&fake.base_url()).api_key("om_test_key").build().unwrap();

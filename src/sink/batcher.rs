@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::sleep_until;
 
@@ -16,6 +16,8 @@ use crate::CloudEvent;
 /// The state of the background task.
 pub(crate) struct Batcher {
     pub(crate) queue: mpsc::Receiver<CloudEvent>,
+    /// Notified by `send` when at least a batch is queued.
+    pub(crate) batch_ready: Arc<Notify>,
     pub(crate) delivery: Arc<Delivery>,
     pub(crate) batch_size: usize,
     pub(crate) flush_interval: Duration,
@@ -43,10 +45,16 @@ impl Batcher {
         let mut control_open = true;
         let mut stopping: Option<Stopping> = None;
         let far = Instant::now() + Duration::from_secs(86_400 * 365);
+        let mut pull = false;
         loop {
             let full = batch.len() >= self.batch_size;
             let room = self.batch_size.saturating_sub(batch.len()).max(1);
-            let due = !batch.is_empty() && (full || flush_due || !intake_open);
+            // Between a batch's first event and its flush, the queue is not watched (so `send`
+            // wakes nobody) unless `send` says a full batch is waiting; at flush time what was
+            // queued meanwhile joins the batch before it goes.
+            let drained = self.queue.is_empty() || !intake_open;
+            let due = !batch.is_empty() && (full || (flush_due && drained) || !intake_open);
+            let watch_queue = batch.is_empty() || pull || flush_due || stopping.is_some();
             if batch.is_empty() && !intake_open && tasks.is_empty() {
                 break;
             }
@@ -69,8 +77,12 @@ impl Batcher {
                     (flush_at, flush_due) = (None, false);
                     self.dispatch(events, permit, &mut tasks);
                 }
+                () = self.batch_ready.notified(), if intake_open && !full && !watch_queue => {
+                    pull = true;
+                }
                 received = self.queue.recv_many(&mut batch, room),
-                    if intake_open && !full => {
+                    if intake_open && !full && watch_queue => {
+                    pull = false;
                     if received == 0 {
                         intake_open = false;
                     } else {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::Url;
+use tokio::sync::Notify;
 use tokio::sync::mpsc::{self, error::TrySendError};
 
 use super::EventSink;
@@ -62,6 +63,9 @@ struct Shared {
     name: &'static str,
     endpoint: Url,
     queue: mpsc::Sender<CloudEvent>,
+    // Tells the batcher a full batch is queued: it does not watch the queue between the first
+    // event of a batch and its flush time, so `send` wakes no other thread for most events.
+    batch_ready: Arc<Notify>,
     counters: Arc<Counters>,
     shutdown: ShutdownControl,
     drop_log: LogThrottle,
@@ -153,8 +157,14 @@ impl Shared {
 impl EventSink for HttpSink {
     #[inline]
     fn send(&self, event: CloudEvent) {
-        match self.shared.queue.try_send(event) {
-            Ok(()) => {}
+        let shared = &self.shared;
+        match shared.queue.try_send(event) {
+            Ok(()) => {
+                let queued = shared.queue.max_capacity() - shared.queue.capacity();
+                if queued >= shared.settings.batch_size {
+                    shared.batch_ready.notify_one();
+                }
+            }
             Err(TrySendError::Full(_)) => self.shared.dropped(DropReason::QueueFull),
             Err(TrySendError::Closed(_)) => self.shared.dropped(DropReason::Shutdown),
         }
@@ -295,6 +305,7 @@ impl HttpSinkBuilder {
             auth_log: LogThrottle::new(Duration::from_secs(60)),
         };
         let (queue, receiver) = mpsc::channel(settings.queue_capacity);
+        let batch_ready = Arc::new(Notify::new());
         let (control, listener) = shutdown::channel();
         #[cfg(feature = "spool")]
         if let Some(config) = &settings.spool {
@@ -306,6 +317,7 @@ impl HttpSinkBuilder {
                     name: settings.name,
                     endpoint,
                     queue,
+                    batch_ready,
                     counters,
                     shutdown: control,
                     drop_log: LogThrottle::new(DROP_LOG_PERIOD),
@@ -315,6 +327,7 @@ impl HttpSinkBuilder {
         }
         let batcher = Batcher {
             queue: receiver,
+            batch_ready: Arc::clone(&batch_ready),
             delivery: Arc::new(delivery),
             batch_size: settings.batch_size,
             flush_interval: settings.flush_interval,
@@ -327,6 +340,7 @@ impl HttpSinkBuilder {
                 name: settings.name,
                 endpoint,
                 queue,
+                batch_ready,
                 counters,
                 shutdown: control,
                 drop_log: LogThrottle::new(DROP_LOG_PERIOD),
