@@ -18,8 +18,9 @@ use crate::stats::MeteringStats;
 /// How far the inner service read the request body by the time the response ended.
 #[derive(Debug)]
 enum Captured {
-    /// All of it, within the cap.
-    Complete(Chunks),
+    /// All of it, within the cap, read as JSON as soon as it ended (so the copy is let go at
+    /// once, not held for as long as the response streams).
+    Complete(Result<RequestFields, serde_json::Error>),
     /// More than the cap.
     OverCap,
     /// The body failed.
@@ -37,7 +38,7 @@ impl CaptureSlot {
     pub(crate) fn fields(&self, stats: &MeteringStats) -> RequestFields {
         let captured = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
         match captured {
-            Some(Captured::Complete(body)) => RequestFields::from_chunks(body).unwrap_or_else(|error| {
+            Some(Captured::Complete(fields)) => fields.unwrap_or_else(|error| {
                 stats.incr(|c| &c.request_invalid_json);
                 tracing::debug!(%error, "request body is not a JSON object: fields not read");
                 RequestFields::default()
@@ -104,7 +105,10 @@ impl Capture {
         let captured = match end {
             BodyEnd::Failed => Captured::Failed,
             BodyEnd::Complete if self.chunks.is_over_cap() => Captured::OverCap,
-            BodyEnd::Complete => Captured::Complete(std::mem::replace(&mut self.chunks, Chunks::bounded(0))),
+            BodyEnd::Complete => {
+                let body = std::mem::replace(&mut self.chunks, Chunks::bounded(0));
+                Captured::Complete(RequestFields::from_chunks(body))
+            }
         };
         slot.publish(captured);
     }
