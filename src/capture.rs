@@ -1,5 +1,6 @@
 //! Reading the request body's fields without holding the request back: a bounded copy of the
-//! body is taken as the inner service reads it, and published for the meter when the body ends.
+//! body is taken as the inner service reads it, read as JSON when the body ends, and only the
+//! fields are kept for the meter (the copy is let go at once, not held while a response streams).
 //!
 //! Buffering the body before calling the inner service costs more than the copy itself: on a
 //! multi-threaded tokio runtime, reading a hyper body inside the connection's own task makes
