@@ -96,7 +96,7 @@ async fn a_full_batch_goes_at_once_and_a_partial_one_waits_for_the_flush_interva
     let fake = FakeOpenMeter::start().await;
     let sink = OpenMeterSink::builder(fake.base_url())
         .batch_size(10)
-        .flush_interval(Duration::from_millis(1500))
+        .flush_interval(Duration::from_secs(3))
         .build()
         .unwrap();
     // The first event starts a batch; the tenth completes it and it is sent without waiting.
