@@ -420,6 +420,28 @@ async fn queue_full_drops_exactly_what_could_not_be_queued() {
 }
 
 #[tokio::test]
+async fn a_records_events_are_queued_together_or_dropped_together() {
+    let sink = fast(&dead_endpoint().await)
+        .queue_capacity(10)
+        .batch_size(5)
+        .max_in_flight(1)
+        .build()
+        .unwrap();
+    // Single-threaded runtime: the background task does not run during these sends. Records
+    // of 3 events: three fit (9 events); the fourth finds one slot and is dropped whole.
+    for record in 0..4 {
+        sink.send_all((record * 3..record * 3 + 3).map(event).collect());
+    }
+    let stats = sink.stats();
+    assert_eq!((stats.queued, stats.dropped_queue_full), (9, 3), "{stats:?}");
+    // A single event still fits the last slot.
+    sink.send(event(100));
+    assert_eq!(sink.stats().queued, 10);
+    let report = sink.shutdown(Duration::from_millis(200)).await;
+    assert_eq!(report.undelivered, 10);
+}
+
+#[tokio::test]
 async fn shutdown_flushes_events_sent_just_before() {
     let fake = FakeOpenMeter::start().await;
     // A long interval and a big batch: only the shutdown flush can send these.

@@ -133,8 +133,17 @@ impl Shared {
     }
 
     #[cold]
-    fn dropped(&self, reason: DropReason) {
-        self.counters.record_dropped(reason, 1, false);
+    /// Wakes the background task when a full batch is queued (it does not watch the queue
+    /// between a batch's first event and its flush time).
+    fn notify_if_batch_ready(&self) {
+        let queued = self.queue.max_capacity() - self.queue.capacity();
+        if queued >= self.settings.batch_size {
+            self.batch_ready.notify_one();
+        }
+    }
+
+    fn dropped(&self, reason: DropReason, events: u64) {
+        self.counters.record_dropped(reason, events, false);
         if self.drop_log.allow() {
             let stats = self.stats();
             match reason {
@@ -159,14 +168,30 @@ impl EventSink for HttpSink {
     fn send(&self, event: CloudEvent) {
         let shared = &self.shared;
         match shared.queue.try_send(event) {
-            Ok(()) => {
-                let queued = shared.queue.max_capacity() - shared.queue.capacity();
-                if queued >= shared.settings.batch_size {
-                    shared.batch_ready.notify_one();
+            Ok(()) => shared.notify_if_batch_ready(),
+            Err(TrySendError::Full(_)) => shared.dropped(DropReason::QueueFull, 1),
+            Err(TrySendError::Closed(_)) => shared.dropped(DropReason::Shutdown, 1),
+        }
+    }
+
+    /// Queues the events of one usage record together or drops them together, so a nearly full
+    /// queue never bills half a request.
+    fn send_all(&self, events: Vec<CloudEvent>) {
+        let shared = &self.shared;
+        if events.len() > shared.queue.max_capacity() {
+            // More events than the whole queue holds: queue what fits, one by one.
+            return events.into_iter().for_each(|event| self.send(event));
+        }
+        let count = events.len() as u64;
+        match shared.queue.try_reserve_many(events.len()) {
+            Ok(permits) => {
+                for (permit, event) in permits.zip(events) {
+                    permit.send(event);
                 }
+                shared.notify_if_batch_ready();
             }
-            Err(TrySendError::Full(_)) => self.shared.dropped(DropReason::QueueFull),
-            Err(TrySendError::Closed(_)) => self.shared.dropped(DropReason::Shutdown),
+            Err(TrySendError::Full(())) => shared.dropped(DropReason::QueueFull, count),
+            Err(TrySendError::Closed(())) => shared.dropped(DropReason::Shutdown, count),
         }
     }
 }

@@ -56,7 +56,9 @@ pub trait EventSink: Send + Sync + 'static {
     /// Takes one event. Must not block.
     fn send(&self, event: CloudEvent);
 
-    /// Takes all events of one usage record. The default sends them one by one.
+    /// Takes all events of one usage record. The default sends them one by one; a sink with a
+    /// bounded queue should take them all or drop them all (as [`HttpSink`] does), so a full
+    /// queue never bills half a request.
     fn send_all(&self, events: Vec<CloudEvent>) {
         for event in events {
             self.send(event);

@@ -125,6 +125,11 @@ impl EventSink for OpenMeterSink {
     fn send(&self, event: CloudEvent) {
         self.inner.send(event);
     }
+
+    #[inline]
+    fn send_all(&self, events: Vec<CloudEvent>) {
+        self.inner.send_all(events);
+    }
 }
 
 /// A variable's value; unset and empty are both `None`.
