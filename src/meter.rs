@@ -109,12 +109,13 @@ impl Meter {
     }
 
     /// Turns what the body said into events and hands them to the sink.
-    fn conclude(self, inspection: Inspection, ended: Ended) {
-        let stats = &self.config.stats;
-        let request = match &self.request {
-            RequestSide::Read(fields) => fields.clone(),
-            RequestSide::Captured(slot) => slot.fields(stats),
+    fn conclude(mut self, inspection: Inspection, ended: Ended) {
+        let request = match std::mem::replace(&mut self.request, RequestSide::Read(RequestFields::default()))
+        {
+            RequestSide::Read(fields) => fields,
+            RequestSide::Captured(slot) => slot.fields(&self.config.stats),
         };
+        let stats = &self.config.stats;
         let complete = ended == Ended::Complete;
         let summary = match inspection {
             Inspection::OverCap => {
