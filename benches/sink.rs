@@ -100,29 +100,40 @@ fn delivered_throughput(c: &mut Criterion) {
                 .build()
                 .expect("sink")
         });
-        group.throughput(Throughput::Elements(events));
-        group.bench_function(BenchmarkId::from_parameter(format!("batch_{batch_size}")), |b| {
-            b.to_async(&rt).iter_custom(|iters| {
-                let sink = sink.clone();
-                async move {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        let target = sink.stats().delivered + events;
-                        let started = Instant::now();
-                        for i in 0..events {
-                            sink.send(event(i));
-                        }
-                        wait_delivered(&sink, target).await;
-                        total += started.elapsed();
-                    }
-                    total
-                }
-            });
-        });
+        bench_delivery(&mut group, &rt, &sink, batch_size, events);
         let report = rt.block_on(sink.shutdown(Duration::from_secs(10)));
         assert!(report.is_lossless(), "{report:?}");
     }
     group.finish();
+}
+
+/// Times `events` sends until the fake acknowledged them all, as one criterion benchmark.
+fn bench_delivery(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    rt: &tokio::runtime::Runtime,
+    sink: &OpenMeterSink,
+    batch_size: usize,
+    events: u64,
+) {
+    group.throughput(Throughput::Elements(events));
+    group.bench_function(BenchmarkId::from_parameter(format!("batch_{batch_size}")), |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let sink = sink.clone();
+            async move {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let target = sink.stats().delivered + events;
+                    let started = Instant::now();
+                    for i in 0..events {
+                        sink.send(event(i));
+                    }
+                    wait_delivered(&sink, target).await;
+                    total += started.elapsed();
+                }
+                total
+            }
+        });
+    });
 }
 
 /// The same as `delivered_throughput` through the durable spool (feature `spool`): every event
@@ -150,25 +161,7 @@ fn spooled_throughput(c: &mut Criterion) {
                 .build()
                 .expect("sink")
         });
-        group.throughput(Throughput::Elements(events));
-        group.bench_function(BenchmarkId::from_parameter(format!("batch_{batch_size}")), |b| {
-            b.to_async(&rt).iter_custom(|iters| {
-                let sink = sink.clone();
-                async move {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        let target = sink.stats().delivered + events;
-                        let started = Instant::now();
-                        for i in 0..events {
-                            sink.send(event(i));
-                        }
-                        wait_delivered(&sink, target).await;
-                        total += started.elapsed();
-                    }
-                    total
-                }
-            });
-        });
+        bench_delivery(&mut group, &rt, &sink, batch_size, events);
         let report = rt.block_on(sink.shutdown(Duration::from_secs(10)));
         assert!(report.is_lossless(), "{report:?}");
         assert_eq!(report.stats.spooled, 0, "{report:?}");

@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::routing::post;
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -16,19 +16,6 @@ use serde_json::{Value, json};
 use support::upstream::*;
 use tower::ServiceExt;
 use tower_openmeter::{CloudEvent, MemorySink, MeteringLayer, MissingSubject, Subject};
-
-async fn post_json(base: &str, path: &str, body: &str) -> (StatusCode, HeaderMap, Bytes) {
-    let response = client()
-        .post(format!("{base}{path}"))
-        .header("content-type", "application/json")
-        .body(body.to_owned())
-        .send()
-        .await
-        .unwrap();
-    let status = StatusCode::from_u16(response.status().as_u16()).unwrap();
-    let headers = response.headers().clone();
-    (status, headers, response.bytes().await.unwrap())
-}
 
 /// The event as JSON with the generated parts checked and replaced by placeholders.
 fn normalized(event: &CloudEvent) -> Value {

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use http_body::Frame;
 use http_body_util::BodyExt;
 use serde_json::Value;
-use support::upstream::{ChannelBody, Received, client, serve};
+use support::upstream::{ChannelBody, Received, client, post_json, serve};
 use tower_openmeter::{CloudEvent, MemorySink, MeteringLayer};
 
 const CHAT_HEAD: &str = r#"{"id":"chatcmpl-B9","object":"chat.completion.chunk","created":1741000000,"model":"gpt-4o-2024-08-06","service_tier":"default","system_fingerprint":"fp_f9f4fb6dbf","choices":"#;
@@ -129,17 +129,10 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
     e.finish().unwrap()
 }
 
-async fn send(base: &str, path: &str, body: &str) -> (reqwest::header::HeaderMap, Bytes) {
-    let response = client()
-        .post(format!("{base}{path}"))
-        .header("content-type", "application/json")
-        .body(body.to_owned())
-        .send()
-        .await
-        .unwrap();
-    assert!(response.status().is_success());
-    let headers = response.headers().clone();
-    (headers, response.bytes().await.unwrap())
+async fn send(base: &str, path: &str, body: &str) -> (axum::http::HeaderMap, Bytes) {
+    let (status, headers, bytes) = post_json(base, path, body).await;
+    assert!(status.is_success(), "{status}");
+    (headers, bytes)
 }
 
 /// `type` → `tokens` of a request's events.

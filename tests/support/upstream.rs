@@ -124,3 +124,17 @@ impl http_body::Body for ChannelBody {
             .map(|b| b.map(|b| Ok(Frame::data(b))))
     }
 }
+
+/// POSTs a JSON body with a real client and returns the status, headers and body bytes.
+pub async fn post_json(base: &str, path: &str, body: &str) -> (StatusCode, axum::http::HeaderMap, Bytes) {
+    let response = client()
+        .post(format!("{base}{path}"))
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    let status = StatusCode::from_u16(response.status().as_u16()).unwrap();
+    let headers = response.headers().clone();
+    (status, headers, response.bytes().await.unwrap())
+}
