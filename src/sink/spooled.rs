@@ -312,7 +312,9 @@ impl Reader {
             let now = Instant::now();
             let waiting = self.state.waiting();
             let writer_done = self.state.writer_done.load(Ordering::Acquire);
-            if (waiting == 0 || exhausted) && writer_done && tasks.is_empty() {
+            // `waiting` is not enough to stop on: between the remover's removal and its update
+            // of `posting` it undercounts, and can read 0 with a batch still unread.
+            if (self.state.spool.is_empty() || exhausted) && writer_done && tasks.is_empty() {
                 // Everything is settled, or (shutting down) what is left was tried and stays in
                 // the spool for the next start.
                 break;
