@@ -634,7 +634,7 @@ fn insert_record(
 /// How an [`OpenMeterSink`](crate::sink::OpenMeterSink) spools events on disk.
 ///
 /// Events go from `send` into the sink's bounded in-memory queue, from there to the spool in
-/// group commits (serialized, on a blocking thread, never on the request path), and are read
+/// group commits (on a blocking thread, never on the request path), and are read
 /// back from the spool for delivery, one record (up to `batch_size` events) per batch or more;
 /// they are removed only once OpenMeter has acknowledged them (2xx) or rejected them for good
 /// (400, 401, 403, ...: counted as rejected). Failing batches (408, 429, 5xx, timeouts,

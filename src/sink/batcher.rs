@@ -11,11 +11,11 @@ use tokio::time::sleep_until;
 use super::delivery::Delivery;
 use super::shutdown::{ShutdownListener, ShutdownReport};
 use super::stats::DropReason;
-use crate::CloudEvent;
 
 /// The state of the background task.
 pub(crate) struct Batcher {
-    pub(crate) queue: mpsc::Receiver<CloudEvent>,
+    /// Events as JSON, serialized by `send` (see `encode`).
+    pub(crate) queue: mpsc::Receiver<Vec<u8>>,
     /// Notified by `send` when at least a batch is queued.
     pub(crate) batch_ready: Arc<Notify>,
     pub(crate) delivery: Arc<Delivery>,
@@ -38,7 +38,7 @@ impl Batcher {
     pub(crate) async fn run(mut self) {
         let permits = Arc::new(Semaphore::new(self.max_in_flight));
         let mut tasks = JoinSet::new();
-        let mut batch: Vec<CloudEvent> = Vec::with_capacity(self.batch_size);
+        let mut batch: Vec<Vec<u8>> = Vec::with_capacity(self.batch_size);
         let mut flush_at: Option<Instant> = None;
         let mut flush_due = false;
         let mut intake_open = true;
@@ -116,14 +116,14 @@ impl Batcher {
     }
 
     /// Hands a batch to its own delivery task, which holds `permit` until it is settled.
-    fn dispatch(&self, events: Vec<CloudEvent>, permit: OwnedSemaphorePermit, tasks: &mut JoinSet<()>) {
+    fn dispatch(&self, events: Vec<Vec<u8>>, permit: OwnedSemaphorePermit, tasks: &mut JoinSet<()>) {
         let shutdown = self.shutdown.deadline.clone();
         tasks.spawn(Arc::clone(&self.delivery).deliver(events, shutdown, permit));
     }
 
     /// The shutdown deadline passed: drop what is queued, abort the deliveries (their
     /// unsettled events count as dropped by shutdown), and wait for the aborts to land.
-    async fn give_up(&mut self, batch: &mut Vec<CloudEvent>, tasks: &mut JoinSet<()>) {
+    async fn give_up(&mut self, batch: &mut Vec<Vec<u8>>, tasks: &mut JoinSet<()>) {
         let counters = &self.delivery.counters;
         counters.record_dropped(DropReason::Shutdown, batch.len() as u64, true);
         batch.clear();

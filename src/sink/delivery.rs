@@ -1,4 +1,5 @@
-//! Delivering one batch: serialize once, post, and retry the same bytes until it is settled.
+//! Delivering one batch: join the events' JSON once, post, and retry the same bytes until it is
+//! settled.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,11 +9,11 @@ use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use reqwest::{StatusCode, Url};
 use tokio::sync::{OwnedSemaphorePermit, watch};
 
+use super::encode;
 use super::outcome::{self, Outcome};
 use super::retry::{Backoff, BackoffConfig};
 use super::stats::{Counters, DropReason};
 use super::throttle::LogThrottle;
-use crate::CloudEvent;
 
 /// The media type of a JSON array of CloudEvents, exactly as OpenMeter compares it.
 pub(crate) const BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json";
@@ -32,37 +33,10 @@ pub(crate) struct Delivery {
     pub(crate) auth_log: LogThrottle,
 }
 
-/// A serialized batch: a JSON array of `events` events.
-#[derive(Debug)]
-pub(crate) struct Batch {
-    pub(crate) body: Bytes,
-    pub(crate) events: u64,
-}
-
-/// Serializes events into one JSON array, once for all attempts. An event that fails to
-/// serialize (not expected with [`CloudEvent`]'s types) is dropped and counted; the rest go.
-pub(crate) fn serialize(events: &[CloudEvent], counters: &Counters) -> Batch {
-    let mut body = Vec::with_capacity(events.len() * 256 + 2);
-    body.push(b'[');
-    let mut count = 0;
-    for event in events {
-        let start = body.len();
-        if count > 0 {
-            body.push(b',');
-        }
-        if let Err(error) = serde_json::to_writer(&mut body, event) {
-            body.truncate(start);
-            counters.record_dropped(DropReason::Unserializable, 1, true);
-            tracing::error!(%error, id = %event.id, "event cannot be serialized; dropped");
-            continue;
-        }
-        count += 1;
-    }
-    body.push(b']');
-    Batch {
-        body: body.into(),
-        events: count,
-    }
+/// A batch body, posted as is on every attempt, and how many events it holds.
+struct Batch {
+    body: Bytes,
+    events: u64,
 }
 
 /// Settles a batch's events exactly once. If the task ends without settling them (aborted at
@@ -104,15 +78,18 @@ impl Delivery {
     /// past the shutdown deadline. Holds `_permit` (one of `max_in_flight`) until settled.
     pub(crate) async fn deliver(
         self: Arc<Self>,
-        events: Vec<CloudEvent>,
+        events: Vec<Vec<u8>>,
         mut shutdown: watch::Receiver<Option<Instant>>,
         _permit: OwnedSemaphorePermit,
     ) {
-        let batch = serialize(&events, &self.counters);
-        drop(events);
-        if batch.events == 0 {
+        if events.is_empty() {
             return;
         }
+        let batch = Batch {
+            body: encode::batch_body(&events),
+            events: events.len() as u64,
+        };
+        drop(events);
         let settle = Settle {
             counters: &self.counters,
             events: batch.events,
@@ -214,28 +191,6 @@ async fn wait_before_retry(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Subject;
-
-    fn event(id: &str) -> CloudEvent {
-        let mut event = CloudEvent::new(id, "gw", "prompt", Subject::new("c").unwrap(), Default::default());
-        event.time = "2026-12-04T00:00:00.000Z".into();
-        event
-    }
-
-    #[test]
-    fn serializes_a_json_array_once() {
-        let counters = Counters::default();
-        let batch = serialize(&[event("a"), event("b")], &counters);
-        assert_eq!(batch.events, 2);
-        let expected = format!(
-            "[{},{}]",
-            serde_json::to_string(&event("a")).unwrap(),
-            serde_json::to_string(&event("b")).unwrap()
-        );
-        assert_eq!(std::str::from_utf8(&batch.body).unwrap(), expected);
-        let parsed: Vec<CloudEvent> = serde_json::from_slice(&batch.body).unwrap();
-        assert_eq!(parsed, vec![event("a"), event("b")]);
-    }
 
     #[test]
     fn unsettled_batches_count_as_dropped_by_shutdown() {

@@ -14,6 +14,7 @@ use super::EventSink;
 use super::batcher::Batcher;
 use super::config::{BuildError, Settings};
 use super::delivery::Delivery;
+use super::encode::encode;
 use super::shutdown::{self, ShutdownControl, ShutdownReport};
 use super::stats::{Counters, DropReason, SinkStats};
 use super::throttle::LogThrottle;
@@ -24,9 +25,9 @@ const DROP_LOG_PERIOD: Duration = Duration::from_secs(10);
 
 /// Delivers CloudEvents to an HTTP endpoint as `application/cloudevents-batch+json` arrays.
 ///
-/// [`send`](EventSink::send) only puts the event into a bounded queue (it never blocks, awaits
-/// or fails; when the queue is full the event is dropped and counted). A background task forms
-/// batches by size or interval, serializes each once, and POSTs it. 2xx is delivered; 408, 429
+/// [`send`](EventSink::send) serializes the event and puts its JSON into a bounded queue (it
+/// never blocks, awaits or fails; when the queue is full the event is dropped and counted). A
+/// background task joins the queued JSON into batches by size or interval and POSTs them. 2xx is delivered; 408, 429
 /// (after its `Retry-After`), 5xx, timeouts and connection errors are retried with the same
 /// bytes, with exponential backoff and full jitter, until `max_retry_elapsed`; other statuses
 /// reject the batch (counted, not retried). Up to `max_in_flight` batches are sent or retried
@@ -62,7 +63,8 @@ pub struct HttpSink {
 struct Shared {
     name: &'static str,
     endpoint: Url,
-    queue: mpsc::Sender<CloudEvent>,
+    /// Events as JSON: serialized by `send`, on the caller's thread (see `encode`).
+    queue: mpsc::Sender<Vec<u8>>,
     // Tells the batcher a full batch is queued: it does not watch the queue between the first
     // event of a batch and its flush time, so `send` wakes no other thread for most events.
     batch_ready: Arc<Notify>,
@@ -167,10 +169,15 @@ impl EventSink for HttpSink {
     #[inline]
     fn send(&self, event: CloudEvent) {
         let shared = &self.shared;
-        match shared.queue.try_send(event) {
-            Ok(()) => shared.notify_if_batch_ready(),
-            Err(TrySendError::Full(_)) => shared.dropped(DropReason::QueueFull, 1),
-            Err(TrySendError::Closed(_)) => shared.dropped(DropReason::Shutdown, 1),
+        match shared.queue.try_reserve() {
+            Ok(permit) => {
+                if let Some(json) = encode(&event, &shared.counters) {
+                    permit.send(json);
+                    shared.notify_if_batch_ready();
+                }
+            }
+            Err(TrySendError::Full(())) => shared.dropped(DropReason::QueueFull, 1),
+            Err(TrySendError::Closed(())) => shared.dropped(DropReason::Shutdown, 1),
         }
     }
 
@@ -185,8 +192,11 @@ impl EventSink for HttpSink {
         let count = events.len() as u64;
         match shared.queue.try_reserve_many(events.len()) {
             Ok(permits) => {
+                // An event that cannot be serialized (counted) leaves its permit unused.
                 for (permit, event) in permits.zip(events) {
-                    permit.send(event);
+                    if let Some(json) = encode(&event, &shared.counters) {
+                        permit.send(json);
+                    }
                 }
                 shared.notify_if_batch_ready();
             }
@@ -252,8 +262,8 @@ impl HttpSinkBuilder {
     }
 
     /// How many events the queue holds; when it is full `send` drops the newest event
-    /// (default 100 000; at least 1). A queued event holds about 1.3 KB (see BENCHMARKS.md),
-    /// so the default bounds the queue at about 125 MiB.
+    /// (default 100 000; at least 1). A queued event is its JSON, about 0.45 KB with its buffer
+    /// (see BENCHMARKS.md), so the default bounds the queue at about 45 MiB.
     pub fn queue_capacity(mut self, events: usize) -> Self {
         self.settings.queue_capacity = events.max(1);
         self

@@ -9,6 +9,7 @@
 mod batcher;
 mod config;
 mod delivery;
+mod encode;
 mod http;
 mod memory;
 mod openmeter;

@@ -2,8 +2,8 @@
 //! the disk [`Spool`] → batches read back from the spool → POST → removed once settled.
 //!
 //! Two loops share the spool. The **writer** takes events from the queue, waits at most
-//! `commit_interval` (or until `commit_max_events`) for more, serializes them and appends them
-//! in one transaction on a blocking thread. The **reader** reads batches in key order (the
+//! `commit_interval` (or until `commit_max_events`) for more (already serialized by `send`) and
+//! appends them in one transaction on a blocking thread. The **reader** reads batches in key order (the
 //! leftovers of a previous run come first), hands each to a delivery task (at most
 //! `max_in_flight`), and each task posts the exact stored bytes until OpenMeter settles them:
 //! 2xx removes them (delivered), a non-retryable status removes them (rejected, counted), and
@@ -27,7 +27,6 @@ use super::retry::{Backoff, BackoffConfig};
 use super::shutdown::{ShutdownListener, ShutdownReport};
 use super::stats::{Counters, DropReason};
 use super::throttle::LogThrottle;
-use crate::CloudEvent;
 use crate::spool::{Record, Spool, SpoolConfig};
 
 /// The backoff of a failing spool write (disk full, I/O error).
@@ -65,7 +64,7 @@ impl State {
 
 /// The spooled pipeline, ready to run.
 pub(crate) struct Pipeline {
-    queue: mpsc::Receiver<CloudEvent>,
+    queue: mpsc::Receiver<Vec<u8>>,
     delivery: Arc<Delivery>,
     state: Arc<State>,
     commit_interval: Duration,
@@ -80,7 +79,7 @@ impl Pipeline {
     /// Opens the spool (blocking file I/O, once, while the sink is built).
     pub(crate) fn open(
         config: &SpoolConfig,
-        queue: mpsc::Receiver<CloudEvent>,
+        queue: mpsc::Receiver<Vec<u8>>,
         delivery: Arc<Delivery>,
         settings: &Settings,
         shutdown: ShutdownListener,
@@ -148,7 +147,7 @@ impl Pipeline {
 
 /// Moves events from the queue to the spool in group commits.
 struct Writer {
-    queue: mpsc::Receiver<CloudEvent>,
+    queue: mpsc::Receiver<Vec<u8>>,
     state: Arc<State>,
     interval: Duration,
     max_events: usize,
@@ -157,7 +156,7 @@ struct Writer {
 
 impl Writer {
     async fn run(mut self) {
-        let mut batch: Vec<CloudEvent> = Vec::with_capacity(self.max_events);
+        let mut batch: Vec<Vec<u8>> = Vec::with_capacity(self.max_events);
         let mut control_open = true;
         loop {
             if self.deadline.borrow_and_update().is_some() {
@@ -200,21 +199,10 @@ impl Writer {
         self.state.changed.notify_one();
     }
 
-    /// Serializes and appends one group, retrying a failing disk until it works or the
+    /// Appends one group of serialized events, retrying a failing disk until it works or the
     /// shutdown deadline passes.
-    async fn commit(&self, events: Vec<CloudEvent>) {
+    async fn commit(&self, mut jsons: Vec<Vec<u8>>) {
         let counters = &self.state.counters;
-        let mut jsons = Vec::with_capacity(events.len());
-        for event in &events {
-            match serde_json::to_vec(event) {
-                Ok(json) => jsons.push(json),
-                Err(error) => {
-                    counters.record_dropped(DropReason::Unserializable, 1, true);
-                    tracing::error!(%error, id = %event.id, "event cannot be serialized; dropped");
-                }
-            }
-        }
-        drop(events);
         let mut backoff = Backoff::new(WRITE_BACKOFF);
         loop {
             let state = Arc::clone(&self.state);
