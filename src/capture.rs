@@ -83,10 +83,11 @@ pub(crate) struct Capture {
 
 impl Capture {
     /// A capture of at most `cap` bytes, and the slot it will publish to.
-    pub(crate) fn new(cap: usize) -> (Self, Arc<CaptureSlot>) {
+    /// `declared` is the body's `Content-Length`, if any.
+    pub(crate) fn new(cap: usize, declared: Option<u64>) -> (Self, Arc<CaptureSlot>) {
         let slot = Arc::new(CaptureSlot::default());
         let capture = Capture {
-            chunks: Chunks::bounded(cap),
+            chunks: Chunks::bounded(cap).expecting(declared),
             slot: Some(slot.clone()),
         };
         (capture, slot)
@@ -138,7 +139,7 @@ mod tests {
         cap: usize,
     ) -> (RequestFields, MeteringStats) {
         let stats = MeteringStats::default();
-        let (mut capture, slot) = Capture::new(cap);
+        let (mut capture, slot) = Capture::new(cap, None);
         for chunk in chunks {
             capture.observe(&Bytes::from_static(chunk.as_bytes()));
         }

@@ -6,7 +6,7 @@ use http::HeaderMap;
 use http::header::CONTENT_TYPE;
 
 use crate::Api;
-use crate::chunks::Chunks;
+use crate::chunks::{Chunks, declared_length};
 use crate::decode::{Coding, DecodeError, Decoder};
 use crate::layer::Config;
 use crate::meter::Meter;
@@ -52,6 +52,12 @@ impl Inspector {
     pub(crate) fn for_response(headers: &HeaderMap, meter: &Meter) -> Option<Self> {
         let config = meter.config();
         let content_type = headers.get(CONTENT_TYPE).map(|v| v.as_bytes());
+        let coding = Coding::from_headers(headers);
+        // The declared length sizes the JSON copy, unless it is the length of an encoded body.
+        let declared = match coding {
+            Coding::Identity => declared_length(headers),
+            _ => None,
+        };
         let (reader, decode_cap) = match content_type.map(media_type) {
             Some(media) if is_event_stream(media) => (
                 Reader::Sse(Box::new(SseReader {
@@ -62,16 +68,16 @@ impl Inspector {
                 config.max_decoded_stream,
             ),
             None => (
-                Reader::Json(JsonCollector::new(config.max_response_body)),
+                Reader::Json(JsonCollector::new(config.max_response_body, declared)),
                 config.max_response_body as u64,
             ),
             Some(media) if is_json(media) => (
-                Reader::Json(JsonCollector::new(config.max_response_body)),
+                Reader::Json(JsonCollector::new(config.max_response_body, declared)),
                 config.max_response_body as u64,
             ),
             Some(_) => return None,
         };
-        let decoder = match Coding::from_headers(headers) {
+        let decoder = match coding {
             Coding::Identity => None,
             Coding::Unsupported => return None,
             coding => Some(Box::new(Decoder::new(coding, decode_cap)?)),
@@ -156,7 +162,7 @@ impl Reader {
 
     fn observe_slice(&mut self, data: &[u8]) {
         match self {
-            Reader::Json(json) => json.observe(&Bytes::copy_from_slice(data)),
+            Reader::Json(json) => json.chunks.push_slice(data),
             Reader::Sse(sse) => sse.feed(data),
         }
     }
@@ -192,16 +198,15 @@ fn is_json(media: &[u8]) -> bool {
         || (media.len() > 5 && media[media.len() - 5..].eq_ignore_ascii_case(b"+json"))
 }
 
-/// Keeps a bounded copy of a JSON body (reference-counted chunks, no copying) and parses it at
-/// the end.
+/// Keeps a bounded copy of a JSON body (see [`Chunks`]) and parses it at the end.
 pub(crate) struct JsonCollector {
     chunks: Chunks,
 }
 
 impl JsonCollector {
-    fn new(cap: usize) -> Self {
+    fn new(cap: usize, declared: Option<u64>) -> Self {
         JsonCollector {
-            chunks: Chunks::bounded(cap),
+            chunks: Chunks::bounded(cap).expecting(declared),
         }
     }
 
@@ -235,7 +240,7 @@ mod tests {
 
     #[test]
     fn collector_stops_at_the_cap() {
-        let mut c = JsonCollector::new(4);
+        let mut c = JsonCollector::new(4, None);
         c.observe(&Bytes::from_static(b"{\"a"));
         c.observe(&Bytes::from_static(b"\":1}"));
         assert!(matches!(c.finish(Api::ChatCompletions), Inspection::OverCap));

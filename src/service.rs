@@ -11,6 +11,7 @@ use http_body::Body;
 use tower::Service;
 
 use crate::capture::Capture;
+use crate::chunks::declared_length;
 use crate::layer::Config;
 use crate::meter::{Meter, RequestSide};
 use crate::request::{BodyRead, read_capped};
@@ -140,7 +141,7 @@ impl<S> Metering<S> {
             let side = RequestSide::Read(RequestFields::default());
             (RequestBody::passthrough(body), side)
         } else {
-            let (capture, slot) = Capture::new(config.max_request_body);
+            let (capture, slot) = Capture::new(config.max_request_body, declared_length(&head.headers));
             (RequestBody::capturing(body, capture), RequestSide::Captured(slot))
         };
         let meter = Meter::new(config.clone(), api, subject, request_side, started, labels);
@@ -183,11 +184,7 @@ impl<S> Metering<S> {
 
 /// Whether `Content-Length` says the body is over the cap (then it is not read at all).
 fn declared_over_cap(config: &Config, head: &request::Parts) -> bool {
-    head.headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .is_some_and(|len| len > config.max_request_body as u64)
+    declared_length(&head.headers).is_some_and(|len| len > config.max_request_body as u64)
 }
 
 /// Reads the request body within the cap and the fields metering needs from it. The body
