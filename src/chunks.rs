@@ -16,6 +16,9 @@ pub(crate) fn declared_length(headers: &HeaderMap) -> Option<u64> {
     headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
+/// The first allocation of a copy, unless the body is declared shorter.
+const MIN_COPY: usize = 4096;
+
 /// A bounded body: nothing, one shared chunk, or a copy of several.
 #[derive(Debug)]
 pub(crate) struct Chunks {
@@ -41,7 +44,7 @@ impl Chunks {
         }
     }
 
-    /// Sizes the copy for a body that declares its length (ignored past the cap).
+    /// Bounds the growth of the copy by the length the body declares (ignored past the cap).
     pub(crate) fn expecting(mut self, declared: Option<u64>) -> Self {
         self.expected = declared.map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX));
         self
@@ -90,14 +93,20 @@ impl Chunks {
         self.joined.extend_from_slice(data);
     }
 
-    /// Grows the copy to the declared length at once, else by doubling, never past the cap.
+    /// Grows the copy by doubling, never past the declared length (when the body keeps to it)
+    /// nor past the cap. The declared length only bounds the growth: reserving it up front would
+    /// let a peer that declares 32 MiB and sends a few bytes make every connection hold 32 MiB.
     fn reserve(&mut self, additional: usize) {
         let needed = self.joined.len() + additional;
         if needed <= self.joined.capacity() {
             return;
         }
-        let declared = if self.expected >= needed { self.expected } else { 0 };
-        let target = declared.max(self.joined.capacity() * 2).min(self.cap).max(needed);
+        let limit = if self.expected >= needed {
+            self.expected.min(self.cap)
+        } else {
+            self.cap
+        };
+        let target = (self.joined.capacity() * 2).max(MIN_COPY).min(limit).max(needed);
         self.joined.reserve_exact(target - self.joined.len());
     }
 
@@ -165,12 +174,33 @@ mod tests {
         assert_eq!(
             two.joined.capacity(),
             body.len(),
-            "sized once from the declared length"
+            "bounded by the declared length"
         );
         let mut sliced = Chunks::bounded(1024);
         sliced.push_slice(&body[..3]);
         sliced.push_slice(&body[3..]);
         assert_eq!(sliced.joined, &body[..]);
+    }
+
+    #[test]
+    fn a_declared_length_is_not_reserved_before_the_bytes_arrive() {
+        let mut chunks = Chunks::bounded(32 << 20).expecting(Some(32 << 20));
+        chunks.push(&Bytes::from_static(b"{\"model\":"));
+        chunks.push(&Bytes::from_static(b"\"gpt\""));
+        assert!(
+            chunks.joined.capacity() <= MIN_COPY,
+            "{}",
+            chunks.joined.capacity()
+        );
+        let mut honest = Chunks::bounded(32 << 20).expecting(Some(3 * 100_000));
+        for _ in 0..3 {
+            honest.push(&Bytes::from(vec![b' '; 100_000]));
+        }
+        assert_eq!(
+            honest.joined.capacity(),
+            300_000,
+            "the last growth stops at the declared length"
+        );
     }
 
     #[test]
