@@ -70,17 +70,6 @@ impl<B: Body> MeteredBody<B> {
         }
     }
 
-    /// A body that is not metered.
-    pub(crate) fn passthrough(inner: B) -> Self {
-        MeteredBody {
-            inner,
-            guard: MeterGuard(None),
-            filter: None,
-            pending: None,
-            inner_done: false,
-        }
-    }
-
     /// Filters what the client gets through `filter` (the metering still reads the original
     /// bytes). The size hint becomes unknown: the length changes.
     pub(crate) fn with_filter(mut self, filter: UsageChunkFilter, stats: MeteringStats) -> Self {

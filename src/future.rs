@@ -99,10 +99,7 @@ where
 fn wrap<B: http_body::Body>(response: Response<B>, meter: Option<Meter>) -> Response<MeteredBody<B>> {
     let (mut head, body) = response.into_parts();
     let filter = meter.as_ref().and_then(|meter| usage_filter(meter, &mut head));
-    let body = match meter.and_then(|meter| meter.start_response(&head)) {
-        Some(active) => MeteredBody::new(body, Some(active)),
-        None => MeteredBody::passthrough(body),
-    };
+    let body = MeteredBody::new(body, meter.and_then(|meter| meter.start_response(&head)));
     let body = match filter {
         Some((filter, stats)) => body.with_filter(filter, stats),
         None => body,

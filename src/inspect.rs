@@ -67,15 +67,11 @@ impl Inspector {
                 })),
                 config.max_decoded_stream,
             ),
-            None => (
+            media if media.is_none_or(is_json) => (
                 Reader::Json(JsonCollector::new(config.max_response_body, declared)),
                 config.max_response_body as u64,
             ),
-            Some(media) if is_json(media) => (
-                Reader::Json(JsonCollector::new(config.max_response_body, declared)),
-                config.max_response_body as u64,
-            ),
-            Some(_) => return None,
+            _ => return None,
         };
         let decoder = match coding {
             Coding::Identity => None,
@@ -188,12 +184,12 @@ fn is_event_stream(media: &[u8]) -> bool {
 
 /// The media type without parameters, e.g. `application/json` from
 /// `application/json; charset=utf-8`.
-fn media_type(value: &[u8]) -> &[u8] {
+pub(crate) fn media_type(value: &[u8]) -> &[u8] {
     let end = value.iter().position(|&b| b == b';').unwrap_or(value.len());
     value[..end].trim_ascii()
 }
 
-fn is_json(media: &[u8]) -> bool {
+pub(crate) fn is_json(media: &[u8]) -> bool {
     media.eq_ignore_ascii_case(b"application/json")
         || (media.len() > 5 && media[media.len() - 5..].eq_ignore_ascii_case(b"+json"))
 }

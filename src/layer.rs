@@ -36,6 +36,16 @@ pub(crate) struct Config {
 }
 
 impl Config {
+    /// Whether `ensure_stream_usage` may rewrite requests to this API (OpenAI-style streams).
+    pub(crate) fn may_inject_stream_usage(&self, api: Api) -> bool {
+        self.ensure_stream_usage && matches!(api, Api::ChatCompletions | Api::Completions)
+    }
+
+    /// Whether a request body of this declared length is over the cap (then it is not read).
+    pub(crate) fn over_request_cap(&self, declared: Option<u64>) -> bool {
+        declared.is_some_and(|len| len > self.max_request_body as u64)
+    }
+
     /// The API a request path belongs to, by suffix.
     pub(crate) fn api_for_path(&self, path: &str) -> Option<Api> {
         let path = path.strip_suffix('/').unwrap_or(path);

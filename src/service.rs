@@ -12,6 +12,7 @@ use tower::Service;
 
 use crate::capture::Capture;
 use crate::chunks::declared_length;
+use crate::inspect::{is_json, media_type};
 use crate::layer::Config;
 use crate::meter::{Meter, RequestSide};
 use crate::request::{BodyRead, read_capped};
@@ -63,22 +64,13 @@ impl<S> Metering<S> {
         let json = request
             .headers()
             .get(CONTENT_TYPE)
-            .is_none_or(|v| is_json_request(v.as_bytes()));
+            .is_none_or(|v| is_json(media_type(v.as_bytes())));
         if !json {
             stats.incr(|c| &c.skipped_not_json);
             return None;
         }
         Some(api)
     }
-}
-
-fn is_json_request(content_type: &[u8]) -> bool {
-    let media = content_type
-        .split(|&b| b == b';')
-        .next()
-        .unwrap_or_default()
-        .trim_ascii();
-    media.eq_ignore_ascii_case(b"application/json") || media.ends_with(b"+json")
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Metering<S>
@@ -115,9 +107,7 @@ impl<S> Metering<S> {
     /// Whether the body must be read before the inner service sees the request: to rewrite it
     /// (`ensure_stream_usage`) or for a subject closure that looks at its fields.
     fn reads_body_first(&self, api: Api) -> bool {
-        let may_rewrite =
-            self.config.ensure_stream_usage && matches!(api, Api::ChatCompletions | Api::Completions);
-        may_rewrite || self.config.subject.has_closure()
+        self.config.may_inject_stream_usage(api) || self.config.subject.has_closure()
     }
 
     /// The usual path: the request goes to the inner service at once, and its body's fields
@@ -136,12 +126,13 @@ impl<S> Metering<S> {
         let (head, body) = request.into_parts();
         let subject = config.subject.resolve_head(&head, config.max_subject_len);
         let labels = config.data_fields.as_ref().map(|f| f(&head)).unwrap_or_default();
-        let (body, request_side) = if declared_over_cap(config, &head) {
+        let declared = declared_length(&head.headers);
+        let (body, request_side) = if config.over_request_cap(declared) {
             config.stats.incr(|c| &c.request_over_cap);
             let side = RequestSide::Read(RequestFields::default());
             (RequestBody::passthrough(body), side)
         } else {
-            let (capture, slot) = Capture::new(config.max_request_body, declared_length(&head.headers));
+            let (capture, slot) = Capture::new(config.max_request_body, declared);
             (RequestBody::capturing(body, capture), RequestSide::Captured(slot))
         };
         let meter = Meter::new(config.clone(), api, subject, request_side, started, labels);
@@ -182,11 +173,6 @@ impl<S> Metering<S> {
     }
 }
 
-/// Whether `Content-Length` says the body is over the cap (then it is not read at all).
-fn declared_over_cap(config: &Config, head: &request::Parts) -> bool {
-    declared_length(&head.headers).is_some_and(|len| len > config.max_request_body as u64)
-}
-
 /// Reads the request body within the cap and the fields metering needs from it. The body
 /// returned yields the original bytes whatever happened.
 async fn read_request<B>(config: &Config, head: &request::Parts, body: B) -> (RequestBody<B>, RequestFields)
@@ -194,7 +180,7 @@ where
     B: Body<Data = Bytes> + Unpin,
 {
     let stats = &config.stats;
-    if declared_over_cap(config, head) {
+    if config.over_request_cap(declared_length(&head.headers)) {
         stats.incr(|c| &c.request_over_cap);
         tracing::debug!("request body over the cap: fields not read");
         return (RequestBody::passthrough(body), RequestFields::default());
@@ -229,10 +215,7 @@ fn ensure_stream_usage<B: Body>(
     body: RequestBody<B>,
     fields: &RequestFields,
 ) -> (RequestBody<B>, bool) {
-    let wanted = config.ensure_stream_usage
-        && fields.stream
-        && !fields.include_usage
-        && matches!(api, Api::ChatCompletions | Api::Completions);
+    let wanted = config.may_inject_stream_usage(api) && fields.stream && !fields.include_usage;
     if !wanted {
         return (body, false);
     }

@@ -500,3 +500,26 @@ async fn anthropic_metadata_user_id_is_the_body_user() {
     let events = sink.wait_for(4, Duration::from_secs(5)).await.unwrap();
     assert!(events.iter().all(|e| e.subject.as_str() == "customer-9"));
 }
+
+#[tokio::test]
+async fn json_media_types_are_matched_like_the_response_side_case_insensitively() {
+    for content_type in ["Application/JSON; charset=utf-8", "application/vnd.acme+JSON"] {
+        let sink = MemorySink::new();
+        let layer = MeteringLayer::new(sink.clone());
+        let stats = layer.stats();
+        let app = upstream(Received::default()).layer(layer);
+        let request = Request::post("/v1/chat/completions")
+            .header("content-type", content_type)
+            .body(Body::from(r#"{"model":"gpt-4o","user":"customer-1"}"#))
+            .unwrap();
+        assert_eq!(send_oneshot(app, request).await, CHAT.as_bytes());
+        let s = stats.snapshot();
+        assert_eq!((s.skipped_not_json, s.requests_metered), (0, 1), "{content_type}");
+        let events = sink.wait_for(3, std::time::Duration::from_secs(5)).await.unwrap();
+        assert_eq!(events.len(), 3, "{content_type}");
+        assert!(
+            events.iter().all(|e| e.subject.as_str() == "customer-1"),
+            "{content_type}"
+        );
+    }
+}
