@@ -238,9 +238,10 @@ pub struct Spool {
     record_events: usize,
     /// Held for the whole of every write transaction, so the bookkeeping follows the commits.
     meta: Mutex<Meta>,
-    /// Lock-free mirrors of `meta` for statistics.
+    /// Lock-free mirrors of `meta` for statistics and readers.
     len: AtomicU64,
     bytes: AtomicU64,
+    next_key: AtomicU64,
 }
 
 impl fmt::Debug for Spool {
@@ -326,6 +327,7 @@ impl Spool {
             record_events: DEFAULT_RECORD_EVENTS,
             len: AtomicU64::new(meta.events),
             bytes: AtomicU64::new(meta.bytes),
+            next_key: AtomicU64::new(meta.next_key),
             meta: Mutex::new(meta),
         })
     }
@@ -580,6 +582,14 @@ impl Spool {
     fn publish(&self, meta: Meta) {
         self.len.store(meta.events, Ordering::Relaxed);
         self.bytes.store(meta.bytes, Ordering::Relaxed);
+        self.next_key.store(meta.next_key, Ordering::Release);
+    }
+
+    /// The key the next appended record will get: every record ever committed has a smaller
+    /// key. A reader holding a cursor (the last key it took) has records left to read when
+    /// `next_key() > cursor + 1`, unless they were removed or evicted meanwhile.
+    pub fn next_key(&self) -> u64 {
+        self.next_key.load(Ordering::Acquire)
     }
 
     /// How many events are spooled.
@@ -742,6 +752,7 @@ mod tests {
         assert_eq!((a.committed, a.first_key), (3, Some(0)));
         // [a,bb] and [ccc], each with a 4-byte count.
         assert_eq!((spool.len(), spool.bytes()), (3, 10 + 9));
+        assert_eq!(spool.next_key(), 2);
         let all = spool.oldest(10).unwrap();
         assert_eq!(keys(&all), [0, 1]);
         assert_eq!((all[0].events, all[0].json.as_slice()), (2, b"[a,bb]".as_slice()));
@@ -754,6 +765,7 @@ mod tests {
         assert_eq!(spool.remove([0, 7]).unwrap(), 2);
         assert_eq!(spool.remove([0]).unwrap(), 0);
         assert_eq!((spool.len(), spool.bytes()), (1, 9));
+        assert_eq!(spool.next_key(), 2, "removals do not move it");
         assert_eq!(spool.append(Vec::<Vec<u8>>::new()).unwrap(), Appended::default());
     }
 
@@ -767,7 +779,9 @@ mod tests {
         }
         let spool = open(dir.path(), 1 << 20, OverflowPolicy::DropNewest, 1);
         assert!(spool.is_empty());
+        assert_eq!(spool.next_key(), 2, "restored on open");
         assert_eq!(spool.append(["z"]).unwrap().first_key, Some(2));
+        assert_eq!(spool.next_key(), 3);
     }
 
     #[test]

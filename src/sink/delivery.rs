@@ -86,7 +86,7 @@ impl Delivery {
             return;
         }
         let batch = Batch {
-            body: encode::batch_body(&events),
+            body: encode::batch_body(events.iter().map(Vec::as_slice)),
             events: events.len() as u64,
         };
         drop(events);
@@ -172,7 +172,7 @@ impl Delivery {
 
 /// Sleeps before a retry. A shutdown that begins during our own backoff cuts it short, so the
 /// batch gets one more attempt before the deadline; a server's `Retry-After` is always honoured.
-async fn wait_before_retry(
+pub(crate) async fn wait_before_retry(
     wait: Duration,
     server_imposed: bool,
     no_shutdown_yet: bool,

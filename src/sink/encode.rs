@@ -28,16 +28,22 @@ pub(crate) fn encode(event: &CloudEvent, counters: &Counters) -> Option<Vec<u8>>
     }
 }
 
-/// The `application/cloudevents-batch+json` body: the events' JSON as one array.
-pub(crate) fn batch_body(events: &[Vec<u8>]) -> Bytes {
-    let size = events.iter().map(|json| json.len() + 1).sum::<usize>() + 2;
+/// The `application/cloudevents-batch+json` body: the pieces (events' JSON, or runs of events
+/// separated by commas) joined by commas into one array. Empty pieces are skipped.
+pub(crate) fn batch_body<'a, I>(pieces: I) -> Bytes
+where
+    I: IntoIterator<Item = &'a [u8]>,
+    I::IntoIter: Clone,
+{
+    let pieces = pieces.into_iter().filter(|piece| !piece.is_empty());
+    let size = pieces.clone().map(|piece| piece.len() + 1).sum::<usize>() + 2;
     let mut body = Vec::with_capacity(size);
     body.push(b'[');
-    for (i, json) in events.iter().enumerate() {
+    for (i, piece) in pieces.enumerate() {
         if i > 0 {
             body.push(b',');
         }
-        body.extend_from_slice(json);
+        body.extend_from_slice(piece);
     }
     body.push(b']');
     body.into()
@@ -61,13 +67,18 @@ mod tests {
             .iter()
             .map(|id| encode(&event(id), &counters).unwrap())
             .collect();
-        let body = batch_body(&encoded);
+        let body = batch_body(encoded.iter().map(Vec::as_slice));
         assert_eq!(
             std::str::from_utf8(&body).unwrap(),
             r#"[{"specversion":"1.0","id":"a","source":"gw","type":"prompt","subject":"c","time":"2026-12-04T00:00:00.000Z","data":{}},{"specversion":"1.0","id":"b","source":"gw","type":"prompt","subject":"c","time":"2026-12-04T00:00:00.000Z","data":{}}]"#
         );
         let parsed: Vec<CloudEvent> = serde_json::from_slice(&body).unwrap();
         assert_eq!(parsed, vec![event("a"), event("b")]);
-        assert_eq!(&batch_body(&[])[..], b"[]");
+        assert_eq!(&batch_body([])[..], b"[]");
+        assert_eq!(
+            &batch_body([&b"1,2"[..], b"", b"3"])[..],
+            b"[1,2,3]",
+            "runs and empty pieces"
+        );
     }
 }

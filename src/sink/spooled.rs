@@ -15,13 +15,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::sleep_until;
 
 use super::config::{BuildError, Settings};
-use super::delivery::Delivery;
+use super::delivery::{Delivery, wait_before_retry};
+use super::encode;
 use super::outcome::Outcome;
 use super::retry::{Backoff, BackoffConfig};
 use super::shutdown::{ShutdownListener, ShutdownReport};
@@ -50,7 +50,9 @@ struct State {
 }
 
 impl State {
-    /// Events in the spool that no task is delivering.
+    /// Events in the spool that no task is delivering: an estimate (it reads low while the
+    /// remover is between deleting a batch and updating `posting`), used only to start a full
+    /// batch without waiting for the flush interval, never to decide what is left to read.
     fn waiting(&self) -> u64 {
         self.spool
             .len()
@@ -292,19 +294,20 @@ impl Reader {
         let mut linger_until: Option<Instant> = None;
         let mut stopping: Option<(Instant, u64, u64)> = None;
         let mut control_open = true;
-        // Shutting down, a read found nothing new: the rest was already tried this run.
-        let mut exhausted = false;
+        let Some(removals) = self.removals.take() else {
+            return;
+        };
         let far = Instant::now() + Duration::from_secs(86_400 * 365);
         let counters = Arc::clone(&self.state.counters);
         loop {
             let now = Instant::now();
-            let waiting = self.state.waiting();
             let writer_done = self.state.writer_done.load(Ordering::Acquire);
-            // `waiting` is not enough to stop on: between the remover's removal and its update
-            // of `posting` it undercounts, and can read 0 with a batch still unread.
-            if (self.state.spool.is_empty() || exhausted) && writer_done && tasks.is_empty() {
-                // Everything is settled, or (shutting down) what is left was tried and stays in
-                // the spool for the next start.
+            // Whether records were committed past the cursor: keys only grow, so unlike counts
+            // this never misses a record. What is left behind the cursor was tried this run
+            // (given back at the shutdown deadline, or its removal failed) and waits for the
+            // next start.
+            let unread = self.state.spool.next_key() > after.map_or(0, |key| key + 1);
+            if !unread && writer_done && tasks.is_empty() {
                 break;
             }
             if stopping.is_some_and(|(deadline, ..)| now >= deadline) {
@@ -313,13 +316,14 @@ impl Reader {
                 while tasks.join_next().await.is_some() {}
                 break;
             }
-            if waiting == 0 {
+            if !unread {
                 linger_until = None;
             } else if linger_until.is_none() {
                 linger_until = Some(now + self.flush_interval);
             }
-            let ready = waiting > 0
-                && (waiting >= self.batch_size as u64
+            // `waiting` is only a hint that a full batch is there (it can lag a removal).
+            let ready = unread
+                && (self.state.waiting() >= self.batch_size as u64
                     || backlog
                     || writer_done
                     || stopping.is_some()
@@ -346,6 +350,7 @@ impl Reader {
                 Ok(permit) = Arc::clone(&permits).acquire_owned(), if ready => {
                     let state = Arc::clone(&self.state);
                     let n = self.batch_size;
+                    let next_key = state.spool.next_key();
                     let read = tokio::task::spawn_blocking(move || state.spool.read_after(after, n)).await;
                     match read {
                         Ok(Ok(batch)) if !batch.is_empty() => {
@@ -356,12 +361,9 @@ impl Reader {
                             after = batch.last().map(|r| r.key);
                             self.state.posting.fetch_add(events, Ordering::Relaxed);
                             linger_until = None;
-                            let Some(removals) = self.removals.clone() else {
-                                break;
-                            };
                             let posting = Posting {
                                 state: Arc::clone(&self.state),
-                                removals,
+                                removals: removals.clone(),
                                 events,
                                 done: false,
                             };
@@ -369,11 +371,10 @@ impl Reader {
                             tasks.spawn(deliver(Arc::clone(&self.delivery), posting, batch, deadline, permit));
                         }
                         Ok(Ok(_)) => {
-                            // Nothing past the cursor: the counts ran ahead of the reads, or
-                            // (shutting down) the rest was tried and given back to the spool.
+                            // The records past the cursor were evicted (`DropOldest`) before
+                            // they were read: move past them.
                             backlog = false;
-                            exhausted = stopping.is_some() && writer_done;
-                            let _ = tokio::time::timeout(Duration::from_millis(50), self.state.changed.notified()).await;
+                            after = after.max(next_key.checked_sub(1));
                         }
                         Ok(Err(error)) => {
                             if self.state.log.allow() {
@@ -392,7 +393,7 @@ impl Reader {
             }
         }
         // Let the remover finish what the settled batches handed it.
-        self.removals = None;
+        drop(removals);
         if let Err(error) = (&mut self.remover).await {
             tracing::error!(%error, "spool remover failed");
         }
@@ -490,11 +491,12 @@ async fn remove_loop(mut removals: mpsc::Receiver<Removal>, state: Arc<State>) {
 
 impl Drop for Posting {
     fn drop(&mut self) {
+        // A settled batch is the remover's to account for; an unsettled one goes back here.
         if !self.done {
             self.state.posting.fetch_sub(self.events, Ordering::Relaxed);
+            self.state.publish();
+            self.state.changed.notify_one();
         }
-        self.state.publish();
-        self.state.changed.notify_one();
     }
 }
 
@@ -507,21 +509,8 @@ async fn deliver(
     _permit: OwnedSemaphorePermit,
 ) {
     let events = posting.events;
-    let size = batch.iter().map(|r| r.json.len()).sum::<usize>() + 2;
-    let mut body = Vec::with_capacity(size);
-    body.push(b'[');
-    let mut keys = Vec::with_capacity(batch.len());
-    for record in &batch {
-        let inner = record.inner_json();
-        if !inner.is_empty() {
-            if body.len() > 1 {
-                body.push(b',');
-            }
-            body.extend_from_slice(inner);
-        }
-        keys.push(record.key);
-    }
-    body.push(b']');
+    let body = encode::batch_body(batch.iter().map(Record::inner_json));
+    let keys: Vec<u64> = batch.iter().map(|record| record.key).collect();
     drop(batch);
     if events == 0 {
         // Only damaged records: nothing to post, just remove them.
@@ -533,7 +522,6 @@ async fn deliver(
         posting.remove(keys).await;
         return;
     }
-    let body = Bytes::from(body);
     let counters = Arc::clone(&delivery.counters);
     let mut backoff = Backoff::new(delivery.backoff);
     loop {
@@ -566,15 +554,7 @@ async fn deliver(
             return;
         }
         tracing::warn!(sink = delivery.name, events, error = %reason, ?wait, "spooled batch failed; will retry");
-        if after.is_some() || deadline.is_some() {
-            tokio::time::sleep(wait).await;
-        } else {
-            // A shutdown that begins during our own backoff cuts it short: one more attempt.
-            tokio::select! {
-                () = tokio::time::sleep(wait) => {}
-                _ = shutdown.wait_for(Option::is_some) => {}
-            }
-        }
+        wait_before_retry(wait, after.is_some(), deadline.is_none(), &mut shutdown).await;
         counters.record_retry();
     }
 }
