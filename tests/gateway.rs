@@ -405,17 +405,17 @@ async fn client_disconnect_mid_stream_cancels_upstream_and_the_proxy_keeps_servi
         .await
         .expect("the upstream stream is dropped when the client goes away");
 
-    // TODO(stream): once streaming metering lands, expect exactly one event with
-    // `complete: false` here.
+    // The cut stream is billed once, as incomplete and without usage (it never came).
     tokio::time::sleep(Duration::from_millis(200)).await;
     let events = s.sink.events();
-    assert!(events.len() <= 1, "{events:?}");
-    assert!(
-        events
-            .iter()
-            .all(|e| e.data.get("complete") == Some(&json!(false))),
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].data.get("complete"), Some(&json!(false)), "{events:?}");
+    assert_eq!(
+        events[0].data.get("usage_source"),
+        Some(&json!("missing")),
         "{events:?}"
     );
+    assert_eq!(events[0].subject.as_str(), "customer-1");
 
     let (status, _, body) = send_json(format!("{}/v1/chat/completions", s.gateway), "{}").await;
     assert_eq!((status, &body[..]), (StatusCode::OK, CHAT.as_bytes()));

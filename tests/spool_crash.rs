@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
 use support::{FakeOpenMeter, Fault};
-use tower_openmeter::spool::SpoolConfig;
+use tower_openmeter::sink::BuildError;
+use tower_openmeter::spool::{SpoolConfig, SpoolErrorKind};
 use tower_openmeter::{CloudEvent, EventSink, OpenMeterSink, Subject};
 
 const CHILD_ENV: &str = "TOWER_OPENMETER_SPOOL_CHILD";
@@ -411,5 +412,8 @@ async fn a_spool_in_use_is_a_build_error() {
         .spool(SpoolConfig::new(dir.path()))
         .build()
         .expect_err("the spool is locked");
-    assert!(second.to_string().contains("spool"), "{second}");
+    assert!(
+        matches!(&second, BuildError::Spool(error) if error.kind() == SpoolErrorKind::Locked),
+        "{second}"
+    );
 }

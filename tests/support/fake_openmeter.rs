@@ -23,7 +23,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use hyper_util::rt::TokioIo;
@@ -366,11 +366,17 @@ async fn serve_connection(stream: tokio::net::TcpStream, connection: Connection)
     }
 }
 
-async fn ingest(State(connection): State<Connection>, headers: HeaderMap, body: Bytes) -> Response {
+async fn ingest(
+    State(connection): State<Connection>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let state = &connection.state;
     state.record_request(RecordedRequest {
-        method: "POST".into(),
-        path: INGEST_PATH.into(),
+        method: method.to_string(),
+        path: uri.path().to_owned(),
         headers: headers.clone(),
         body: body.clone(),
     });
