@@ -16,9 +16,10 @@ use crate::RequestFields;
 use crate::chunks::Chunks;
 use crate::stats::MeteringStats;
 
-/// How far the inner service read the request body by the time the response ended.
+/// What the layer got of the request body: from the copy (how far the inner service read it
+/// by the time the response ended), or from reading it first.
 #[derive(Debug)]
-enum Captured {
+pub(crate) enum Captured {
     /// All of it, within the cap, read as JSON as soon as it ended (so the copy is let go at
     /// once, not held for as long as the response streams).
     Complete(Result<RequestFields, serde_json::Error>),
@@ -30,6 +31,33 @@ enum Captured {
     Unfinished,
 }
 
+impl Captured {
+    /// The request's fields; counts (and logs) what kept them from being read.
+    pub(crate) fn into_fields(self, stats: &MeteringStats) -> RequestFields {
+        match self {
+            Captured::Complete(fields) => fields.unwrap_or_else(|error| {
+                stats.incr(|c| &c.request_invalid_json);
+                tracing::debug!(%error, "request body is not a JSON object: fields not read");
+                RequestFields::default()
+            }),
+            Captured::OverCap => {
+                stats.incr(|c| &c.request_over_cap);
+                tracing::debug!("request body over the cap: fields not read");
+                RequestFields::default()
+            }
+            Captured::Failed => {
+                stats.incr(|c| &c.request_body_error);
+                RequestFields::default()
+            }
+            Captured::Unfinished => {
+                stats.incr(|c| &c.request_unread);
+                tracing::debug!("the inner service did not read the whole request body: fields not read");
+                RequestFields::default()
+            }
+        }
+    }
+}
+
 /// Where the copy is published: shared by the request body (writer) and the meter (reader).
 #[derive(Debug, Default)]
 pub(crate) struct CaptureSlot(Mutex<Option<Captured>>);
@@ -38,27 +66,7 @@ impl CaptureSlot {
     /// The request's fields, from what was captured; counts what kept them from being read.
     pub(crate) fn fields(&self, stats: &MeteringStats) -> RequestFields {
         let captured = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
-        match captured {
-            Some(Captured::Complete(fields)) => fields.unwrap_or_else(|error| {
-                stats.incr(|c| &c.request_invalid_json);
-                tracing::debug!(%error, "request body is not a JSON object: fields not read");
-                RequestFields::default()
-            }),
-            Some(Captured::OverCap) => {
-                stats.incr(|c| &c.request_over_cap);
-                tracing::debug!("request body over the cap: fields not read");
-                RequestFields::default()
-            }
-            Some(Captured::Failed) => {
-                stats.incr(|c| &c.request_body_error);
-                RequestFields::default()
-            }
-            Some(Captured::Unfinished) | None => {
-                stats.incr(|c| &c.request_unread);
-                tracing::debug!("the inner service did not read the whole request body: fields not read");
-                RequestFields::default()
-            }
-        }
+        captured.unwrap_or(Captured::Unfinished).into_fields(stats)
     }
 
     fn publish(&self, captured: Captured) {

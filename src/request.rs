@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use crate::capture::{BodyEnd, Capture};
+use crate::capture::{BodyEnd, Capture, Captured};
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
@@ -87,17 +87,6 @@ crate::lenient::lenient_struct! {
     }
 }
 
-/// How reading the request body went.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum BodyRead {
-    /// Complete, within the cap.
-    Complete,
-    /// Larger than the cap: the prefix read so far is replayed, then the rest streamed.
-    OverCap,
-    /// The body failed mid-read: the prefix is replayed, then the error.
-    Failed,
-}
-
 pin_project! {
     /// The request body the inner service receives: exactly the bytes the client sent.
     ///
@@ -151,7 +140,8 @@ impl<B: Body> RequestBody<B> {
         if self.rest.is_some() || self.error.is_some() {
             return None;
         }
-        Some(concat(self.prefix.clone(), self.prefix_len as usize))
+        // `buffered` holds the bytes as one chunk.
+        Some(self.prefix.front().cloned().unwrap_or_default())
     }
 
     /// The same body with its bytes replaced (trailers kept); for a complete body only.
@@ -180,8 +170,9 @@ impl<B: Body> RequestBody<B> {
 }
 
 /// Reads a body up to `cap` bytes. Returns the body to forward (always the complete original
-/// bytes, in order), the buffered bytes when the body was complete, and how the read went.
-pub(crate) async fn read_capped<B>(mut body: B, cap: usize) -> (RequestBody<B>, Option<Bytes>, BodyRead)
+/// bytes, in order: what was read is replayed, then the rest or the error) and what was read:
+/// a complete body's fields, or why there are none.
+pub(crate) async fn read_capped<B>(mut body: B, cap: usize) -> (RequestBody<B>, Captured)
 where
     B: Body<Data = Bytes> + Unpin,
 {
@@ -196,7 +187,7 @@ where
                     len = len.saturating_add(data.len());
                     chunks.push_back(data);
                     if len > cap {
-                        return (RequestBody::replay(chunks, Some(body)), None, BodyRead::OverCap);
+                        return (RequestBody::replay(chunks, Some(body)), Captured::OverCap);
                     }
                 }
                 Err(frame) => trailers = frame.into_trailers().ok(),
@@ -204,20 +195,17 @@ where
             Some(Err(error)) => {
                 let mut replay = RequestBody::replay(chunks, None);
                 replay.error = Some(error);
-                return (replay, None, BodyRead::Failed);
+                return (replay, Captured::Failed);
             }
         }
     }
     let bytes = concat(chunks, len);
-    (
-        RequestBody::buffered(bytes.clone(), trailers),
-        Some(bytes),
-        BodyRead::Complete,
-    )
+    let fields = RequestFields::from_json(&bytes);
+    (RequestBody::buffered(bytes, trailers), Captured::Complete(fields))
 }
 
 /// Joins chunks; a body that came in one chunk is not copied.
-pub(crate) fn concat(mut chunks: VecDeque<Bytes>, len: usize) -> Bytes {
+fn concat(mut chunks: VecDeque<Bytes>, len: usize) -> Bytes {
     if chunks.len() <= 1 {
         return chunks.pop_front().unwrap_or_default();
     }
@@ -342,9 +330,9 @@ mod tests {
 
     #[tokio::test]
     async fn complete_body_is_replayed_byte_identical() {
-        let (body, bytes, read) = read_capped(Full::new(Bytes::from_static(b"{\"a\":1}")), 1024).await;
-        assert_eq!(read, BodyRead::Complete);
-        assert_eq!(bytes.unwrap(), &b"{\"a\":1}"[..]);
+        let (body, read) = read_capped(Full::new(Bytes::from_static(b"{\"a\":1}")), 1024).await;
+        assert!(matches!(read, Captured::Complete(Ok(_))), "{read:?}");
+        assert_eq!(body.buffered_bytes().unwrap(), &b"{\"a\":1}"[..]);
         assert_eq!(body.size_hint().exact(), Some(7));
         assert_eq!(body.collect().await.unwrap().to_bytes(), &b"{\"a\":1}"[..]);
     }
@@ -358,9 +346,9 @@ mod over_cap_tests {
     #[tokio::test]
     async fn over_cap_body_is_prefix_plus_rest() {
         let parts = ["{\"user\":", "\"aaaaaaaa", "aaaa\"", "}"];
-        let (body, bytes, read) = read_capped(ChunkedBody::new(parts), 12).await;
-        assert_eq!(read, BodyRead::OverCap);
-        assert!(bytes.is_none());
+        let (body, read) = read_capped(ChunkedBody::new(parts), 12).await;
+        assert!(matches!(read, Captured::OverCap), "{read:?}");
+        assert!(body.buffered_bytes().is_none());
         assert_eq!(
             body.collect().await.unwrap().to_bytes(),
             parts.concat().as_bytes()

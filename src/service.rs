@@ -10,12 +10,12 @@ use http::{Method, Request, Response, request};
 use http_body::Body;
 use tower::Service;
 
-use crate::capture::Capture;
+use crate::capture::{Capture, Captured};
 use crate::chunks::declared_length;
 use crate::inspect::{is_json, media_type};
 use crate::layer::Config;
 use crate::meter::{Meter, RequestSide};
-use crate::request::{BodyRead, read_capped};
+use crate::request::read_capped;
 use crate::subject::HeadSubject;
 use crate::{Api, MeteredBody, RequestBody, RequestFields, ResponseFuture};
 
@@ -128,8 +128,7 @@ impl<S> Metering<S> {
         let labels = config.data_fields.as_ref().map(|f| f(&head)).unwrap_or_default();
         let declared = declared_length(&head.headers);
         let (body, request_side) = if config.over_request_cap(declared) {
-            config.stats.incr(|c| &c.request_over_cap);
-            let side = RequestSide::Read(RequestFields::default());
+            let side = RequestSide::Read(Captured::OverCap.into_fields(&config.stats));
             (RequestBody::passthrough(body), side)
         } else {
             let (capture, slot) = Capture::new(config.max_request_body, declared);
@@ -179,30 +178,12 @@ async fn read_request<B>(config: &Config, head: &request::Parts, body: B) -> (Re
 where
     B: Body<Data = Bytes> + Unpin,
 {
-    let stats = &config.stats;
     if config.over_request_cap(declared_length(&head.headers)) {
-        stats.incr(|c| &c.request_over_cap);
-        tracing::debug!("request body over the cap: fields not read");
-        return (RequestBody::passthrough(body), RequestFields::default());
+        let fields = Captured::OverCap.into_fields(&config.stats);
+        return (RequestBody::passthrough(body), fields);
     }
-    let (body, bytes, read) = read_capped(body, config.max_request_body).await;
-    let fields = match (read, bytes) {
-        (BodyRead::Complete, Some(bytes)) => RequestFields::from_json(&bytes).unwrap_or_else(|error| {
-            stats.incr(|c| &c.request_invalid_json);
-            tracing::debug!(%error, "request body is not a JSON object: fields not read");
-            RequestFields::default()
-        }),
-        (BodyRead::OverCap, _) => {
-            stats.incr(|c| &c.request_over_cap);
-            tracing::debug!("request body over the cap: fields not read");
-            RequestFields::default()
-        }
-        _ => {
-            stats.incr(|c| &c.request_body_error);
-            RequestFields::default()
-        }
-    };
-    (body, fields)
+    let (body, read) = read_capped(body, config.max_request_body).await;
+    (body, read.into_fields(&config.stats))
 }
 
 /// With `ensure_stream_usage`, rewrites a streaming OpenAI-style request that did not ask for

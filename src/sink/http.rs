@@ -134,14 +134,17 @@ impl Shared {
         self.counters.snapshot(self.queued())
     }
 
-    #[cold]
     /// Wakes the background task when a full batch is queued (it does not watch the queue
     /// between a batch's first event and its flush time).
     fn notify_if_batch_ready(&self) {
-        let queued = self.queue.max_capacity() - self.queue.capacity();
-        if queued >= self.settings.batch_size {
-            self.batch_ready.notify_one();
+        if self.queued() >= self.settings.batch_size as u64 {
+            self.wake_for_full_batch();
         }
+    }
+
+    #[cold]
+    fn wake_for_full_batch(&self) {
+        self.batch_ready.notify_one();
     }
 
     fn dropped(&self, reason: DropReason, events: u64) {
@@ -342,34 +345,31 @@ impl HttpSinkBuilder {
         let (queue, receiver) = mpsc::channel(settings.queue_capacity);
         let batch_ready = Arc::new(Notify::new());
         let (control, listener) = shutdown::channel();
+        let delivery = Arc::new(delivery);
+        // With a spool, the spooled pipeline takes the queue; else the in-memory batcher does.
         #[cfg(feature = "spool")]
-        if let Some(config) = &settings.spool {
-            let pipeline =
-                super::spooled::Pipeline::open(config, receiver, Arc::new(delivery), &settings, listener)?;
-            pipeline.spawn(&runtime);
-            return Ok(HttpSink {
-                shared: Arc::new(Shared {
-                    name: settings.name,
-                    endpoint,
-                    queue,
-                    batch_ready,
-                    counters,
-                    shutdown: control,
-                    drop_log: LogThrottle::new(DROP_LOG_PERIOD),
-                    settings,
-                }),
-            });
-        }
-        let batcher = Batcher {
-            queue: receiver,
-            batch_ready: Arc::clone(&batch_ready),
-            delivery: Arc::new(delivery),
-            batch_size: settings.batch_size,
-            flush_interval: settings.flush_interval,
-            max_in_flight: settings.max_in_flight,
-            shutdown: listener,
+        let in_memory = match &settings.spool {
+            Some(config) => {
+                super::spooled::Pipeline::open(config, receiver, delivery, &settings, listener)?
+                    .spawn(&runtime);
+                None
+            }
+            None => Some((receiver, delivery, listener)),
         };
-        runtime.spawn(batcher.run());
+        #[cfg(not(feature = "spool"))]
+        let in_memory = Some((receiver, delivery, listener));
+        if let Some((receiver, delivery, listener)) = in_memory {
+            let batcher = Batcher {
+                queue: receiver,
+                batch_ready: Arc::clone(&batch_ready),
+                delivery,
+                batch_size: settings.batch_size,
+                flush_interval: settings.flush_interval,
+                max_in_flight: settings.max_in_flight,
+                shutdown: listener,
+            };
+            runtime.spawn(batcher.run());
+        }
         Ok(HttpSink {
             shared: Arc::new(Shared {
                 name: settings.name,
