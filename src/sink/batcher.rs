@@ -9,7 +9,7 @@ use tokio::task::JoinSet;
 use tokio::time::sleep_until;
 
 use super::delivery::Delivery;
-use super::shutdown::{ShutdownListener, ShutdownReport};
+use super::shutdown::{ShutdownListener, Stopping};
 use super::stats::DropReason;
 
 /// The state of the background task.
@@ -23,13 +23,6 @@ pub(crate) struct Batcher {
     pub(crate) flush_interval: Duration,
     pub(crate) max_in_flight: usize,
     pub(crate) shutdown: ShutdownListener,
-}
-
-/// Where a shutdown stands, once asked for.
-struct Stopping {
-    deadline: Instant,
-    delivered_before: u64,
-    dropped_before: u64,
 }
 
 impl Batcher {
@@ -108,11 +101,7 @@ impl Batcher {
     fn begin_stop(&mut self, deadline: Instant) -> Stopping {
         self.queue.close();
         tracing::info!(sink = self.delivery.name, "shutting down: flushing queued events");
-        Stopping {
-            deadline,
-            delivered_before: self.delivery.counters.delivered(),
-            dropped_before: self.delivery.counters.dropped_shutdown(),
-        }
+        Stopping::begin(deadline, &self.delivery.counters)
     }
 
     /// Hands a batch to its own delivery task, which holds `permit` until it is settled.
@@ -150,12 +139,7 @@ impl Batcher {
             );
             return;
         };
-        let report = ShutdownReport {
-            flushed: stats.delivered - stopping.delivered_before,
-            undelivered: stats.dropped_shutdown - stopping.dropped_before,
-            timed_out: Instant::now() >= stopping.deadline,
-            stats,
-        };
+        let report = stopping.report(stats);
         if report.undelivered == 0 {
             tracing::info!(sink = self.delivery.name, flushed = report.flushed, stats = ?report.stats, "shut down");
         } else {

@@ -49,12 +49,12 @@ struct Settle<'a> {
 
 impl Settle<'_> {
     fn delivered(mut self) {
-        self.counters.record_delivered(self.events);
+        self.counters.record_delivered(self.events, true);
         self.done = true;
     }
 
     fn rejected(mut self, status: StatusCode) {
-        self.counters.record_rejected(status.as_u16(), self.events);
+        self.counters.record_rejected(status.as_u16(), self.events, true);
         self.done = true;
     }
 

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::stats::SinkStats;
+use super::stats::{Counters, SinkStats};
 
 /// What a shutdown achieved, from [`HttpSink::shutdown`] or [`OpenMeterSink::shutdown`].
 ///
@@ -62,6 +62,35 @@ pub(crate) fn channel() -> (ShutdownControl, ShutdownListener) {
 }
 
 /// Time allowed past the deadline for the background task to write its report.
+/// Where a shutdown stands, once the background task saw it asked for.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Stopping {
+    pub(crate) deadline: Instant,
+    delivered_before: u64,
+    dropped_before: u64,
+}
+
+impl Stopping {
+    /// Notes where the counters stand when the shutdown begins.
+    pub(crate) fn begin(deadline: Instant, counters: &Counters) -> Self {
+        Stopping {
+            deadline,
+            delivered_before: counters.delivered(),
+            dropped_before: counters.dropped_shutdown(),
+        }
+    }
+
+    /// The report: what the shutdown flushed and dropped since it began.
+    pub(crate) fn report(&self, stats: SinkStats) -> ShutdownReport {
+        ShutdownReport {
+            flushed: stats.delivered - self.delivered_before,
+            undelivered: stats.dropped_shutdown - self.dropped_before,
+            timed_out: Instant::now() >= self.deadline,
+            stats,
+        }
+    }
+}
+
 const REPORT_GRACE: Duration = Duration::from_millis(500);
 
 impl ShutdownControl {

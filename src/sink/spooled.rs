@@ -24,7 +24,7 @@ use super::delivery::{Delivery, wait_before_retry};
 use super::encode;
 use super::outcome::Outcome;
 use super::retry::{Backoff, BackoffConfig};
-use super::shutdown::{ShutdownListener, ShutdownReport};
+use super::shutdown::{ShutdownListener, Stopping};
 use super::stats::{Counters, DropReason};
 use super::throttle::LogThrottle;
 use crate::spool::{Record, Spool, SpoolConfig};
@@ -171,6 +171,7 @@ impl Writer {
                         break;
                     }
                     self.state.counters.taken(received as u64);
+                    self.state.counters.publish_queued(self.queue.len());
                 }
                 changed = self.deadline.changed(), if control_open => {
                     if changed.is_err() {
@@ -190,6 +191,7 @@ impl Writer {
                             break;
                         }
                         self.state.counters.taken(received as u64);
+                    self.state.counters.publish_queued(self.queue.len());
                     }
                     () = tokio::time::sleep_until(until) => break,
                 }
@@ -292,7 +294,7 @@ impl Reader {
         // Leftovers of a previous run go at once, without waiting to fill a batch.
         let mut backlog = !self.state.spool.is_empty();
         let mut linger_until: Option<Instant> = None;
-        let mut stopping: Option<(Instant, u64, u64)> = None;
+        let mut stopping: Option<Stopping> = None;
         let mut control_open = true;
         let Some(removals) = self.removals.take() else {
             return;
@@ -310,7 +312,7 @@ impl Reader {
             if !unread && writer_done && tasks.is_empty() {
                 break;
             }
-            if stopping.is_some_and(|(deadline, ..)| now >= deadline) {
+            if stopping.is_some_and(|s| now >= s.deadline) {
                 // Unsettled batches go back to waiting in the spool.
                 tasks.abort_all();
                 while tasks.join_next().await.is_some() {}
@@ -330,12 +332,12 @@ impl Reader {
                     || linger_until.is_some_and(|t| now >= t));
             tokio::select! {
                 biased;
-                () = sleep_until(stopping.map_or(far, |s| s.0).into()), if stopping.is_some() => {}
+                () = sleep_until(stopping.map_or(far, |s| s.deadline).into()), if stopping.is_some() => {}
                 changed = self.shutdown.deadline.changed(), if control_open && stopping.is_none() => {
                     match changed {
                         Ok(()) => {
                             if let Some(deadline) = *self.shutdown.deadline.borrow_and_update() {
-                                stopping = Some((deadline, counters.delivered(), counters.dropped_shutdown()));
+                                stopping = Some(Stopping::begin(deadline, &counters));
                                 tracing::info!(sink = self.delivery.name, "shutting down: committing queued events and delivering the spool");
                             }
                         }
@@ -401,10 +403,10 @@ impl Reader {
         self.report(stopping);
     }
 
-    fn report(&self, stopping: Option<(Instant, u64, u64)>) {
+    fn report(&self, stopping: Option<Stopping>) {
         let counters = &self.state.counters;
         let stats = counters.snapshot(0);
-        let Some((deadline, delivered_before, dropped_before)) = stopping else {
+        let Some(stopping) = stopping else {
             tracing::debug!(
                 sink = self.delivery.name,
                 ?stats,
@@ -412,12 +414,7 @@ impl Reader {
             );
             return;
         };
-        let report = ShutdownReport {
-            flushed: stats.delivered - delivered_before,
-            undelivered: stats.dropped_shutdown - dropped_before,
-            timed_out: Instant::now() >= deadline,
-            stats,
-        };
+        let report = stopping.report(stats);
         if report.stats.spooled > 0 {
             tracing::warn!(
                 sink = self.delivery.name,
@@ -432,7 +429,7 @@ impl Reader {
                 "shut down; spool empty"
             );
         }
-        let _ = self.shutdown.report.send(Some(report));
+        self.shutdown.report.send_replace(Some(report));
     }
 }
 
@@ -528,17 +525,14 @@ async fn deliver(
         let (reason, after) = match delivery.attempt(&body).await {
             Outcome::Delivered => {
                 posting.remove(keys).await;
-                // Spooled events are not in flight; `record_*` settle in-flight ones.
-                counters.taken(events);
-                counters.record_delivered(events);
+                counters.record_delivered(events, false);
                 tracing::debug!(sink = delivery.name, events, "spooled batch delivered");
                 return;
             }
             Outcome::Rejected { status, detail } => {
                 delivery.log_rejection(status, &detail, events);
                 posting.remove(keys).await;
-                counters.taken(events);
-                counters.record_rejected(status.as_u16(), events);
+                counters.record_rejected(status.as_u16(), events, false);
                 return;
             }
             Outcome::Retry { reason, after } => (reason, after),

@@ -157,9 +157,12 @@ impl Counters {
         metrics::gauge!("openmeter_sink_in_flight_events").decrement(events as f64);
     }
 
-    /// A batch was acknowledged.
-    pub(crate) fn record_delivered(&self, events: u64) {
-        self.settled(events);
+    /// A batch was acknowledged; `in_flight` says whether its events were counted in flight
+    /// (spooled ones are not).
+    pub(crate) fn record_delivered(&self, events: u64, in_flight: bool) {
+        if in_flight {
+            self.settled(events);
+        }
         self.delivered.fetch_add(events, Ordering::Relaxed);
         self.batches_sent.fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
@@ -170,8 +173,10 @@ impl Counters {
     }
 
     /// A batch was refused for good.
-    pub(crate) fn record_rejected(&self, status: u16, events: u64) {
-        self.settled(events);
+    pub(crate) fn record_rejected(&self, status: u16, events: u64, in_flight: bool) {
+        if in_flight {
+            self.settled(events);
+        }
         self.rejected.fetch_add(events, Ordering::Relaxed);
         *lock(&self.rejected_by_status).entry(status).or_default() += events;
         #[cfg(feature = "metrics")]
@@ -252,26 +257,32 @@ mod tests {
     fn every_outcome_settles_in_flight_events() {
         let counters = Counters::default();
         counters.taken(10);
-        counters.record_delivered(4);
-        counters.record_rejected(400, 3);
+        counters.record_delivered(4, true);
+        counters.record_rejected(400, 3, true);
         counters.record_dropped(DropReason::RetryExhausted, 2, true);
         counters.record_dropped(DropReason::QueueFull, 5, false);
+        // Spooled events were never in flight: settling them leaves the count alone.
+        counters.record_delivered(6, false);
+        counters.record_rejected(400, 2, false);
         let stats = counters.snapshot(7);
         assert_eq!(stats.in_flight, 1);
         assert_eq!(stats.queued, 7);
-        assert_eq!(stats.delivered, 4);
-        assert_eq!(stats.batches_sent, 1);
-        assert_eq!(stats.rejected, 3);
-        assert_eq!(stats.rejected_by_status, BTreeMap::from([(400, 3)]));
+        assert_eq!(stats.delivered, 10);
+        assert_eq!(stats.batches_sent, 2);
+        assert_eq!(stats.rejected, 5);
+        assert_eq!(stats.rejected_by_status, BTreeMap::from([(400, 5)]));
         assert_eq!(stats.dropped_retry_exhausted, 2);
         assert_eq!(stats.dropped_queue_full, 5);
         assert_eq!(stats.dropped(), 7);
-        assert_eq!(stats.lost(), 10);
+        assert_eq!(stats.lost(), 12);
     }
 
     #[test]
     fn labels_are_stable() {
         assert_eq!(DropReason::QueueFull.label(), "queue_full");
+        assert_eq!(DropReason::RetryExhausted.label(), "retry_exhausted");
         assert_eq!(DropReason::Shutdown.label(), "shutdown");
+        assert_eq!(DropReason::Unserializable.label(), "unserializable");
+        assert_eq!(DropReason::SpoolFull.label(), "spool_full");
     }
 }
