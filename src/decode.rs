@@ -386,16 +386,11 @@ impl Decoder {
 pub(crate) mod tests {
     use super::*;
     use crate::sse::tests::split_at;
+    use crate::test_support::gzip;
     use flate2::Compression;
-    use flate2::write::{DeflateEncoder, GzEncoder, ZlibEncoder};
+    use flate2::write::{DeflateEncoder, ZlibEncoder};
     use proptest::prelude::*;
     use std::io::Write;
-
-    pub(crate) fn gzip(data: &[u8]) -> Vec<u8> {
-        let mut e = GzEncoder::new(Vec::new(), Compression::default());
-        e.write_all(data).unwrap();
-        e.finish().unwrap()
-    }
 
     fn decode<'a>(
         coding: Coding,

@@ -1,12 +1,20 @@
-//! Test bodies shared by the unit tests.
+//! Test helpers shared by the unit tests and (through `tests/support`) the integration tests.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::io::Write;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+
+/// `data` gzip-compressed.
+pub(crate) fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(data).expect("writing to a Vec");
+    encoder.finish().expect("writing to a Vec")
+}
 
 /// A body that yields one given chunk per poll, with an exact size hint and `is_end_stream`
 /// true as soon as the last chunk is out (as hyper's bodies with Content-Length do).

@@ -599,7 +599,7 @@ mod tests {
         }
         let filtered = started.elapsed();
         assert!(total > 0);
-        let gz = crate::decode::tests::gzip(stream.as_bytes());
+        let gz = crate::test_support::gzip(stream.as_bytes());
         let started = Instant::now();
         let mut decoder = crate::decode::Decoder::new(crate::decode::Coding::Gzip, u64::MAX).unwrap();
         let mut decoded = 0;

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use proxy::{Config, ShapeName};
 use serde_json::{Value, json};
-use support::upstream::ChannelBody;
+use support::upstream::{ChannelBody, client, serve};
 use tokio::sync::mpsc;
 use tower_openmeter::MemorySink;
 
@@ -157,13 +157,6 @@ fn upstream(controlled: Controlled) -> Router {
         .route("/echo/{*rest}", echo)
 }
 
-async fn serve(app: Router) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    format!("http://{addr}")
-}
-
 fn config(vars: &[(&str, &str)]) -> Result<Config, proxy::ConfigError> {
     let vars: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     Config::from_lookup(|name| vars.get(name).cloned())
@@ -197,10 +190,6 @@ async fn gateway_to(upstream: &str, vars: &[(&str, &str)], controlled: Controlle
         sink,
         controlled,
     }
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().no_gzip().build().unwrap()
 }
 
 /// Status, headers without `date`, body bytes.

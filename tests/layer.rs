@@ -13,6 +13,7 @@ use axum::routing::post;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
+use support::test_support::ChunkedBody;
 use support::upstream::*;
 use tower::ServiceExt;
 use tower_openmeter::{CloudEvent, MemorySink, MeteringLayer, MissingSubject, Subject};
@@ -264,7 +265,7 @@ async fn over_cap_and_invalid_json_requests_reach_the_upstream_byte_identical() 
     post_json(&base, "/v1/chat/completions", &big).await;
     post_json(&base, "/v1/chat/completions", invalid).await;
     // A chunked body (no Content-Length) over the cap: prefix + rest.
-    let stream_body = reqwest::Body::wrap(Chunked::new(big.as_bytes(), 10));
+    let stream_body = reqwest::Body::wrap(ChunkedBody::new(big.as_bytes().chunks(10)));
     client()
         .post(format!("{base}/v1/chat/completions"))
         .header("content-type", "application/json")

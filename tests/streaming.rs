@@ -6,7 +6,6 @@ mod support;
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::io::Write;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -21,6 +20,7 @@ use bytes::Bytes;
 use http_body::Frame;
 use http_body_util::BodyExt;
 use serde_json::Value;
+use support::test_support::gzip;
 use support::upstream::{ChannelBody, Received, client, post_json, serve};
 use tower_openmeter::{CloudEvent, MemorySink, MeteringLayer};
 
@@ -121,12 +121,6 @@ fn response(body: Body, content_type: &str, gzip: bool) -> Response {
         headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
     }
     response
-}
-
-fn gzip(bytes: &[u8]) -> Vec<u8> {
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    e.write_all(bytes).unwrap();
-    e.finish().unwrap()
 }
 
 async fn send(base: &str, path: &str, body: &str) -> (axum::http::HeaderMap, Bytes) {

@@ -1,7 +1,6 @@
 //! A fake LLM upstream for integration tests: each API answers with a recorded-style body, split
 //! into 7-byte frames with an exact Content-Length, and records the request bodies it received.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -14,8 +13,10 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
-use http_body::{Frame, SizeHint};
+use http_body::Frame;
 use http_body_util::BodyExt;
+
+use super::test_support::ChunkedBody;
 
 pub const CHAT: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1730000000,"model":"gpt-4o-2024-08-06","choices":[{"index":0,"message":{"role":"assistant","content":"Hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":120,"completion_tokens":40,"total_tokens":160,"prompt_tokens_details":{"cached_tokens":64,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":16,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}}"#;
 pub const COMPLETION: &str = r#"{"id":"cmpl-1","object":"text_completion","created":1730000000,"model":"gpt-3.5-turbo-instruct","choices":[{"text":"ok","index":0,"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}"#;
@@ -49,7 +50,7 @@ pub fn upstream(received: Received) -> Router {
         post(move |request: Request| async move {
             let bytes = request.into_body().collect().await.unwrap().to_bytes();
             received.push(bytes);
-            let mut response = Response::new(Body::new(Chunked::new(body.as_bytes(), 7)));
+            let mut response = Response::new(Body::new(ChunkedBody::new(body.as_bytes().chunks(7))));
             response
                 .headers_mut()
                 .insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
@@ -68,32 +69,6 @@ pub fn upstream(received: Received) -> Router {
             "/v2/chat/completions",
             post(|| async { (StatusCode::TOO_MANY_REQUESTS, json_response(CHAT)) }),
         )
-}
-
-/// A body of many small frames with an exact size hint.
-pub struct Chunked(VecDeque<Bytes>);
-
-impl Chunked {
-    pub fn new(bytes: &[u8], frame: usize) -> Self {
-        Chunked(bytes.chunks(frame).map(Bytes::copy_from_slice).collect())
-    }
-}
-
-impl http_body::Body for Chunked {
-    type Data = Bytes;
-    type Error = Infallible;
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        Poll::Ready(self.get_mut().0.pop_front().map(|b| Ok(Frame::data(b))))
-    }
-    fn is_end_stream(&self) -> bool {
-        self.0.is_empty()
-    }
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.0.iter().map(|b| b.len() as u64).sum())
-    }
 }
 
 pub async fn serve(app: Router) -> String {
