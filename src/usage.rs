@@ -872,10 +872,14 @@ mod tests {
             let raw = json!({"prompt_tokens": prompt, "completion_tokens": completion,
                 "prompt_tokens_details": {"cached_tokens": cached},
                 "completion_tokens_details": {"reasoning_tokens": reasoning}});
-            let (u, _) = Usage::from_api_json(Api::ChatCompletions, &raw);
+            let (u, anomalies) = Usage::from_api_json(Api::ChatCompletions, &raw);
             let sum: u64 = TokenType::ALL.iter().map(|t| u.tokens(*t)).sum();
-            prop_assert_eq!(sum, prompt.max(cached.min(prompt)) + completion);
+            prop_assert_eq!(sum, prompt + completion);
             prop_assert_eq!(u.total(), prompt + completion);
+            // Cached tokens are part of the prompt: more than the prompt is clamped and counted.
+            prop_assert_eq!(u.cache_read, cached.min(prompt));
+            prop_assert_eq!(u.input, prompt - cached.min(prompt));
+            prop_assert_eq!(u64::from(anomalies) > 0, cached > prompt);
 
             let raw = json!({"input_tokens": prompt, "output_tokens": completion,
                 "input_tokens_details": {"cached_tokens": cached}});
